@@ -1,0 +1,62 @@
+"""Pure-PyTorch reference of every kernel in this package, with the exact signatures of the Triton
+versions. The engine uses these on CPU; tests compare the Triton kernels against them.
+
+Paged KV layout (one pool per model layer): k_cache / v_cache [num_pages, block_size, Hkv, D].
+A query row t belongs to group g = query_group[t] whose logical KV sequence is
+entry i -> page block_tables[g, i // block_size], offset i % block_size; row t sees entries
+0 .. kv_lens[t] - 1 (so intra-chunk causality is expressed per row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_rows(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """pool [N, d], index [T] (int32/int64) -> pool[index] as a new contiguous [T, d]."""
+    return pool.index_select(0, index.long())
+
+
+def scatter_rows(pool: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """pool[index] = rows, in place (indices are distinct)."""
+    pool.index_copy_(0, index.long(), rows.to(pool.dtype))
+
+
+def gather_rows_rmsnorm(pool: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather fused with the RMSNorm that follows: returns (rows, rmsnorm(rows) * weight)."""
+    rows = gather_rows(pool, index)
+    xf = rows.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(rows.dtype)
+    return rows, weight * normed
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k/v [T, Hkv, D] to flat slots (page * block_size + offset); slot -1 skips the row."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_group: torch.Tensor, kv_lens: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D]; GQA; softmax in float32. Rows of one group are attended together."""
+    t, h, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    groups = query_group.long()
+    for g in torch.unique(groups).tolist():
+        rows = (groups == g).nonzero().squeeze(1)
+        lens = kv_lens.long()[rows]
+        s = int(lens.max())
+        pages = block_tables[g, : (s + bs - 1) // bs].long()
+        k = k_cache[pages].reshape(-1, hkv, d)[:s].repeat_interleave(h // hkv, dim=1)
+        v = v_cache[pages].reshape(-1, hkv, d)[:s].repeat_interleave(h // hkv, dim=1)
+        scores = torch.einsum("thd,shd->hts", q[rows].float(), k.float()) * scale
+        visible = torch.arange(s, device=q.device)[None, :] < lens[:, None]
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        out[rows] = torch.einsum("hts,shd->thd", torch.softmax(scores, -1), v.float()).to(q.dtype)
+    return out

@@ -1,0 +1,77 @@
+"""Routers and the pure routing math of MoR (design.md section 1).
+
+Expert choice: router r (d -> 1) scores the residual stream h entering recursion r; the block
+output is gated by p = alpha * act(w_r . h / temp). At inference a token takes recursion r > 1 iff
+it took r - 1 and act(w_r . h) >= threshold (recursion 1 is always taken): a per-token rule,
+so results never depend on what else is in the batch. Training uses top-k over the sequence.
+
+Token choice: one router (d -> Nr) scores h after the prologue; probs = softmax * alpha; depth =
+argmax(softmax + router_bias) + 1; the gate of the final recursion is probs[depth - 1].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from morserve.config import MoRConfig
+
+
+class Router(nn.Module):
+    """`linear`: Linear(d, out); `mlp`: Linear(d, 2d) -> GELU -> Linear(2d, out). No biases."""
+
+    def __init__(self, hidden_size: int, out_features: int, router_type: str) -> None:
+        super().__init__()
+        if router_type == "linear":
+            self.router = nn.Linear(hidden_size, out_features, bias=False)
+        else:
+            self.router = nn.Sequential(
+                nn.Linear(hidden_size, 2 * hidden_size, bias=False), nn.GELU(),
+                nn.Linear(2 * hidden_size, out_features, bias=False))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.router(h)
+
+
+def router_activation(raw: torch.Tensor, router_func: str) -> torch.Tensor:
+    """sigmoid or tanh of the raw expert-router score, computed in float32."""
+    raw = raw.float()
+    if router_func == "sigmoid":
+        return torch.sigmoid(raw)
+    if router_func == "tanh":
+        return torch.tanh(raw)
+    raise ValueError(f"expert routing has no router_func {router_func!r}")
+
+
+def expert_gate(raw: torch.Tensor, cfg: MoRConfig) -> torch.Tensor:
+    """p = alpha * act(raw): the weight of the block's output for a token taking the recursion."""
+    return cfg.alpha * router_activation(raw, cfg.router_func)
+
+
+def expert_takes(raw: torch.Tensor, cfg: MoRConfig) -> torch.Tensor:
+    """Inference rule: the token takes the recursion iff act(raw) >= threshold (bool tensor)."""
+    return router_activation(raw, cfg.router_func) >= cfg.routing_threshold
+
+
+def expert_topk_select(raw: torch.Tensor, eligible: torch.Tensor, capacity: float) -> torch.Tensor:
+    """Training-time expert choice: among `eligible` tokens of each row of raw [B, T], the
+    top max(1, int(capacity * T)) by router score take the recursion (non-causal)."""
+    t = raw.shape[-1]
+    k = max(1, int(capacity * t))
+    scores = raw.float().masked_fill(~eligible, float("-inf"))
+    idx = scores.topk(k, dim=-1).indices
+    chosen = torch.zeros_like(eligible)
+    chosen.scatter_(-1, idx, True)
+    return chosen & eligible
+
+
+def token_choice(logits: torch.Tensor, cfg: MoRConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [..., Nr] -> (depth [...] in 1..Nr, gate weight [...] of the final recursion)."""
+    probs = F.softmax(logits.float(), dim=-1)
+    scores = probs
+    if cfg.router_bias is not None:
+        scores = probs + torch.tensor(cfg.router_bias, dtype=probs.dtype, device=probs.device)
+    choice = scores.argmax(dim=-1)
+    weight = cfg.alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return choice + 1, weight
