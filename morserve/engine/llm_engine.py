@@ -1,0 +1,318 @@
+"""The synchronous engine: requests in, one tick per `step()`, RequestOutputs out.
+
+One tick (depth-wise mode):
+1. schedule: running sequences without work and admitted waiting ones get their next chunk
+   (prompt chunk or freshly sampled token) under the token budget; pages short -> preemption;
+2. prologue over the new chunks; they enter recursion 1;
+3. ONE block step over every active token of every chunk in flight, at mixed depths; the
+   routers decide who continues;
+4. chunks with no token left in the block run the epilogue and LM head; their sequences sample
+   (or record prompt logprobs) and are ready for their next chunk in the next tick.
+Vanilla (depth-synchronous) mode runs step 3 repeatedly inside the tick until every chunk has
+left the block, so each decode step does recursions 1..Nr in order over a shrinking batch.
+
+The depth reported for a generated token is the number of recursions taken by the position that
+produced it (the last input token); the dense reference's `depths[prompt_len - 1 + i]`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from morserve.config import ModelConfig
+from morserve.engine.args import EngineArgs
+from morserve.engine.kv_cache import BlockManager
+from morserve.engine.outputs import CompletionOutput, RequestOutput
+from morserve.engine.runner import ModelRunner
+from morserve.engine.sampler import sample_token, top_logprobs
+from morserve.engine.sampling_params import SamplingParams
+from morserve.engine.scheduler import Scheduler
+from morserve.engine.sequence import Chunk, Request, Sequence, SeqStatus
+from morserve.model.mor import MoRModel
+
+
+@dataclass
+class TickStats:
+    """What one tick did, for metrics and tests (index d-1 of the lists = depth d)."""
+
+    num_block_tokens: int = 0
+    num_prologue_tokens: int = 0
+    num_epilogue_tokens: int = 0
+    depth_occupancy: list[int] = field(default_factory=list)
+    exits_per_depth: list[int] = field(default_factory=list)
+    kv_blocks_used: dict[int, int] = field(default_factory=dict)
+    kv_usage: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_preemptions: int = 0
+    num_generated_tokens: int = 0
+    num_block_steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: MoRModel, tokenizer, args: EngineArgs) -> None:
+        args.validate()
+        self.args = args
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_config: ModelConfig = model.config
+        cfg = self.model_config
+        self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings)
+        mor = cfg.mor
+        stages = [cfg.num_prologue_layers + cfg.num_epilogue_layers]
+        stages += [cfg.num_block_layers] * (1 if mor.kv_mode == "share_first" else mor.num_recursions)
+        param = next(model.parameters())
+        page_bytes = 2 * args.block_size * cfg.num_key_value_heads * cfg.head_dim * param.element_size()
+        self._worst_pages = lambda n: sum(-(-n // args.block_size) * layers for layers in stages)
+        num_pages = args.num_pages(page_bytes, self._worst_pages(self.max_model_len), param.device)
+        self.blocks = BlockManager(num_pages, args.block_size, stages)
+        self.runner = ModelRunner(self.model, self.blocks, args.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens,
+                                   self.runner.release_slots)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(args.seed)
+        self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids)
+        self.tick_listeners: list[Callable[[TickStats], None]] = []
+        self.last_tick = TickStats()
+        self.total_depth_token_ticks = [0] * mor.num_recursions
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "LLMEngine":
+        args.validate()
+        device = args.resolve_device()
+        dtype = args.resolve_dtype(device)
+        if isinstance(args.model, MoRModel):
+            return cls(args.model.to(device=device, dtype=dtype), args.tokenizer, args)
+        from morserve.checkpoint import load_pretrained
+        pretrained = load_pretrained(args.model, device=device, dtype=dtype)
+        return cls(pretrained.model, pretrained.tokenizer, args)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
+        """Validate and queue a request; raises ValueError naming the problem."""
+        params = params or SamplingParams()
+        params.validate()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit} tokens "
+                             f"(max_model_len), leaving no room for output")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
+        if len(ids) + max_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = "
+                             f"{len(ids) + max_tokens} exceeds the model's context of {limit} tokens")
+        worst = self._worst_pages(len(ids) + max_tokens)
+        if worst > self.blocks.num_pages:
+            raise ValueError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens may need {worst} "
+                             f"KV pages, more than the whole cache ({self.blocks.num_pages})")
+        if params.max_tokens is None:
+            params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
+        req = Request(request_id, text, ids, params)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), req, i, list(ids), self._generator(params, i))
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        return req
+
+    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        vocab = self.model_config.vocab_size
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            text = prompt
+        else:
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        return text, ids
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator:
+        seed = params.seed * 1_000_003 + index if params.seed is not None else \
+            int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        return torch.Generator().manual_seed(seed)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free everything it holds at once (no-op if unknown/finished)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the tick ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        stats = TickStats(depth_occupancy=[0] * self.model_config.mor.num_recursions,
+                          exits_per_depth=[0] * self.model_config.mor.num_recursions)
+        sched, runner = self.scheduler, self.runner
+        in_flight = self._in_flight()
+        reserved = sum(runner.block_pages_needed([c for c in in_flight if c.in_block]).values())
+        new = sched.schedule(reserved)
+        if new:
+            runner.prologue(new)
+            stats.num_prologue_tokens = sum(c.n for c in new)
+        while True:
+            active = sched.ensure_pages([c for c in self._in_flight() if c.in_block],
+                                        runner.block_pages_needed)
+            if not active:
+                break
+            step = runner.block_step(active)
+            stats.num_block_steps += 1
+            for d, (occ, ex) in enumerate(zip(step.occupancy, step.exits)):
+                stats.depth_occupancy[d] += occ
+                stats.exits_per_depth[d] += ex
+            if self.args.batching == "depthwise":
+                break
+        stats.num_block_tokens = sum(stats.depth_occupancy)
+        done = [c for c in self._in_flight() if not c.in_block]
+        touched = self._finish_chunks(done, stats) if done else set()
+        self._record(stats)
+        return [self._output(req) for req in touched]
+
+    def _in_flight(self) -> list[Chunk]:
+        return [s.chunk for s in self.scheduler.running if s.chunk is not None]
+
+    def _finish_chunks(self, chunks: list[Chunk], stats: TickStats) -> set[Request]:
+        rows = [self._logit_rows(c) for c in chunks]
+        logits = self.runner.epilogue(chunks, rows)
+        stats.num_epilogue_tokens = sum(c.n for c in chunks)
+        touched: set[Request] = set()
+        for chunk, want, out in zip(chunks, rows, logits):
+            seq = chunk.seq
+            seq.chunk = None
+            seq.num_computed = chunk.end
+            out = out.cpu()
+            req = seq.request
+            if req.prompt_logprobs is not None and seq.index == 0:
+                self._record_prompt_logprobs(chunk, want, out)
+            if chunk.end == len(seq.token_ids):
+                self._sample(seq, out[-1], int(chunk.taken[-1]))
+                stats.num_generated_tokens += 1
+                touched.add(req)
+        return touched
+
+    def _logit_rows(self, chunk: Chunk) -> list[int]:
+        seq, req = chunk.seq, chunk.seq.request
+        rows = []
+        if req.prompt_logprobs is not None and seq.index == 0:
+            first = max(chunk.start, len(req.prompt_logprobs) - 1)
+            last = min(chunk.end, req.prompt_len - 1)
+            rows = [p - chunk.start for p in range(first, last)]
+        if chunk.end == len(seq.token_ids):
+            rows.append(chunk.n - 1)
+        return rows
+
+    def _record_prompt_logprobs(self, chunk: Chunk, want: list[int], out: torch.Tensor) -> None:
+        req = chunk.seq.request
+        num = req.params.prompt_logprobs
+        for row, logits in zip(want, out):
+            pos = chunk.start + row + 1              # the prompt token this row predicts
+            if pos < req.prompt_len and pos == len(req.prompt_logprobs):
+                lp = torch.log_softmax(logits, dim=-1)
+                req.prompt_logprobs.append(top_logprobs(lp, req.prompt_token_ids[pos], num))
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, depth: int) -> None:
+        params = seq.request.params
+        out_ids = seq.output_ids
+        banned = []
+        if len(out_ids) < params.min_tokens:
+            banned = sorted((set() if params.ignore_eos else self.eos_ids) | set(params.stop_token_ids))
+        token, entry, logprob = sample_token(logits, params, seq.request.prompt_token_ids, out_ids,
+                                             banned, seq.generator)
+        seq.token_ids.append(token)
+        seq.depths.append(depth)
+        seq.cumulative_logprob += logprob
+        if entry is not None:
+            seq.logprobs.append(entry)
+        self._check_stop(seq, token)
+        if seq.finished:
+            self.scheduler.remove(seq)
+            if seq.request.finished:
+                self.requests.pop(seq.request.request_id, None)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.request.params
+        n_out = len(seq.output_ids)
+        prev_len = len(seq.text)
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
+        reason = stop = None
+        if n_out >= params.min_tokens:
+            if token in self.eos_ids and not params.ignore_eos:
+                reason = "stop"
+            elif token in params.stop_token_ids:
+                reason, stop = "stop", token
+            else:
+                for s in params.stop:
+                    at = seq.text.find(s, max(0, prev_len - len(s) + 1))
+                    if at >= 0:
+                        seq.text = seq.text[: at + len(s) if params.include_stop_str_in_output else at]
+                        reason, stop = "stop", s
+                        break
+        if reason is None and (n_out >= params.max_tokens or len(seq.token_ids) >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason, seq.stop_reason = reason, stop
+
+    def _record(self, stats: TickStats) -> None:
+        stats.kv_blocks_used = dict(enumerate(self.blocks.blocks_used_per_stage()))
+        stats.kv_usage = self.blocks.usage()
+        stats.num_running = self.num_running
+        stats.num_waiting = self.num_waiting
+        stats.num_preemptions = self.scheduler.num_preemptions
+        for d, occ in enumerate(stats.depth_occupancy):
+            self.total_depth_token_ticks[d] += occ
+        self.last_tick = stats
+        for listener in self.tick_listeners:
+            listener(stats)
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            text = seq.text
+            if not seq.finished and text.endswith("\ufffd"):
+                text = text.rstrip("\ufffd")       # hold back an incomplete UTF-8 character
+            outs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=list(seq.output_ids), depths=list(seq.depths),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if req.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
+                             prompt_token_ids=list(req.prompt_token_ids), outputs=outs,
+                             prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
+                             finished=req.finished, num_preemptions=req.num_preemptions)
+
+    def check_no_leak(self) -> bool:
+        """True when nothing is in flight and every KV page and pool row is free."""
+        return (self.blocks.all_free() and not self.scheduler.running and not self.scheduler.waiting
+                and len(self.runner.free_slots) == self.runner.hidden.shape[0])

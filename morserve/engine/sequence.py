@@ -1,0 +1,102 @@
+"""Per-request state: a Request holds n Sequences (one per sampled completion); a Sequence has
+at most one Chunk in flight: a run of its tokens moving through prologue, recursions and
+epilogue together (a prompt chunk, or the single freshly sampled token of a decode step)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from morserve.engine.outputs import TokenLogprobs
+from morserve.engine.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: "Request"
+    index: int                                   # completion index within the request
+    token_ids: list[int]                         # prompt + generated
+    generator: torch.Generator | None
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0                        # tokens whose K/V went through every stage
+    depths: list[int] = field(default_factory=list)          # per generated token (see LLMEngine)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    chunk: "Chunk | None" = None
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.prompt_len
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    num_preemptions: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Tokens [start, start + n) of a sequence, in flight. `slots` are their rows in the hidden
+    pool; `active` marks those that take recursion `depth` next; `taken` counts recursions done."""
+
+    seq: Sequence
+    start: int
+    token_ids: list[int]
+    slots: torch.Tensor                # [n] int64 rows of the hidden-state pool
+    depth: int = 1
+    active: torch.Tensor | None = None  # [n] bool
+    taken: torch.Tensor | None = None   # [n] int64
+    target_depth: torch.Tensor | None = None   # token choice: chosen depth per token
+    gate_weight: torch.Tensor | None = None    # token choice: gate of the final recursion
+
+    @property
+    def n(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n
+
+    @property
+    def in_block(self) -> bool:
+        return bool(self.active.any())
+
+    @property
+    def num_active(self) -> int:
+        return int(self.active.sum())
