@@ -40,7 +40,8 @@ class MoRConfig:
         activation is >= threshold (default 0.5 for sigmoid, 0.0 for tanh).
     kv_mode: `recursion` (depth-r K/V only for tokens that took r) or `share_first`
         (block K/V computed at recursion 1 only and reused by deeper recursions).
-    router_bias: token choice, added to the routing scores for the argmax only.
+    router_bias: one per recursion, added to the routing scores for the decision only (token
+        choice: before the argmax; expert choice: to the raw score before the threshold).
     temp: router input temperature (the router sees h / temp).
     """
 

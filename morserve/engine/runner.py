@@ -183,7 +183,7 @@ class ModelRunner:
             sel = depth_of == d
             if mor.router == "expert":
                 raw = model.expert_router_logit(d + 1, new_h[sel.to(self.device)])
-                cont[sel] = expert_takes(raw, mor).cpu()
+                cont[sel] = expert_takes(raw, mor, d + 1).cpu()
             elif mor.router == "token":
                 cont[sel] = target[sel] > d
             else:

@@ -78,7 +78,7 @@ def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "
             raw = model.expert_router_logit(r, h)
             out.router_logits.append(raw)
             if r > 1:
-                rule = expert_takes(raw, mor) if routing == "threshold" else \
+                rule = expert_takes(raw, mor, r) if routing == "threshold" else \
                     expert_topk_select(raw, taking, mor.capacities[r - 1])
                 taking = taking & rule
             gate = expert_gate(raw, mor).to(h.dtype)

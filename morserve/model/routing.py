@@ -7,6 +7,7 @@ so results never depend on what else is in the batch. Training uses top-k over t
 
 Token choice: one router (d -> Nr) scores h after the prologue; probs = softmax * alpha; depth =
 argmax(softmax + router_bias) + 1; the gate of the final recursion is probs[depth - 1].
+For expert choice the optional router_bias (one per recursion) shifts the threshold decision only.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ def expert_gate(raw: torch.Tensor, cfg: MoRConfig) -> torch.Tensor:
     return cfg.alpha * router_activation(raw, cfg.router_func)
 
 
-def expert_takes(raw: torch.Tensor, cfg: MoRConfig) -> torch.Tensor:
-    """Inference rule: the token takes the recursion iff act(raw) >= threshold (bool tensor)."""
+def expert_takes(raw: torch.Tensor, cfg: MoRConfig, recursion: int) -> torch.Tensor:
+    """Inference rule: the token takes `recursion` (1-based) iff act(raw + router_bias[r-1]) >=
+    threshold (bool tensor). The optional bias calibrates the decision only, never the gate."""
+    if cfg.router_bias is not None:
+        raw = raw.float() + cfg.router_bias[recursion - 1]
     return router_activation(raw, cfg.router_func) >= cfg.routing_threshold
 
 
