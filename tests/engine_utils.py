@@ -48,8 +48,9 @@ def _near_tie_depth(model: MoRModel, ref, pos: int) -> bool:
     mor = model.config.mor
     if mor.router == "expert":
         thr = mor.routing_threshold
-        acts = [torch.sigmoid(r[pos].float()) if mor.router_func == "sigmoid" else torch.tanh(r[pos].float())
-                for r in ref.router_logits[1:]]
+        bias = mor.router_bias or [0.0] * mor.num_recursions
+        acts = [torch.sigmoid(r[pos].float() + b) if mor.router_func == "sigmoid" else torch.tanh(r[pos].float() + b)
+                for r, b in zip(ref.router_logits[1:], bias[1:])]
         return any(abs(float(a) - thr) < TIE_TOL for a in acts)
     if mor.router == "token":
         return _near_tie_token(torch.softmax(ref.router_logits[0][pos].float(), -1))
