@@ -235,3 +235,48 @@ def test_engine_args_validation():
             args = EngineArgs(model=model, **bad)
             args.validate()
             args.resolve_dtype(torch.device("cpu"))
+
+
+class ByteTokenizer:
+    """Minimal duck-typed tokenizer (token id = byte value) so stop strings can be tested here."""
+
+    eos_token_ids: list[int] = []
+    bos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def test_stop_strings_truncate_text():
+    model = tiny_model("expert", "recursion", 2, seed=13, vocab=256)
+    engine = LLMEngine(model, ByteTokenizer(), EngineArgs(model=model, block_size=4, num_kv_blocks=2000))
+    free = run_to_completion(engine, {0: [("free", "hello", SamplingParams(max_tokens=24, **GREEDY))]})
+    text = free["free"].outputs[0].text
+    ids = free["free"].outputs[0].token_ids
+    # pick a stop string from the middle of the free-running text
+    cut = next(i for i in range(3, len(ids)) if ids[i] < 128 and ids[i + 1] < 128)
+    stop = bytes(ids[cut: cut + 2]).decode()
+    at = text.find(stop)
+    for include in (False, True):
+        params = SamplingParams(max_tokens=24, temperature=0, stop=[stop, "\x00never"], include_stop_str_in_output=include)
+        out = run_to_completion(engine, {0: [("s", "hello", params)]})["s"].outputs[0]
+        assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+        assert out.text == (text[: at + len(stop)] if include else text[:at])
+        assert out.token_ids == ids[: len(out.token_ids)]
+    assert engine.check_no_leak()
+
+
+def test_incomplete_utf8_is_held_back_while_streaming():
+    model = tiny_model("expert", "recursion", 2, seed=int(torch.randint(0, 1 << 30, (1,))), vocab=256)
+    engine = LLMEngine(model, ByteTokenizer(), EngineArgs(model=model, block_size=4, num_kv_blocks=2000))
+    texts = []
+    engine.add_request("a", "x", SamplingParams(max_tokens=30, **GREEDY))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            texts.append(out.outputs[0].text)
+    for t in texts[:-1]:
+        assert not t.endswith("\ufffd")
+        assert texts[-1].startswith(t)
