@@ -41,8 +41,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     return torch.einsum("bhts,bshd->bthd", probs, v.float()).to(q.dtype)
 
 
-def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "threshold") -> ReferenceOutput:
-    """Logits and per-token depth for input_ids [T] or [B, T]."""
+def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "threshold",
+                      capacities: list[float] | None = None) -> ReferenceOutput:
+    """Logits and per-token depth for input_ids [T] or [B, T]. `capacities` overrides the
+    config's for top-k routing (training uses a capacity warm-up schedule)."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     cfg = model.config
@@ -79,7 +81,7 @@ def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "
             out.router_logits.append(raw)
             if r > 1:
                 rule = expert_takes(raw, mor, r) if routing == "threshold" else \
-                    expert_topk_select(raw, taking, mor.capacities[r - 1])
+                    expert_topk_select(raw, taking, (capacities or mor.capacities)[r - 1])
                 taking = taking & rule
             gate = expert_gate(raw, mor).to(h.dtype)
         elif mor.router == "token":
