@@ -4,7 +4,8 @@ versions. The engine uses these on CPU; tests compare the Triton kernels against
 Paged KV layout (one pool per model layer): k_cache / v_cache [num_pages, block_size, Hkv, D].
 A query row t belongs to group g = query_group[t] whose logical KV sequence is
 entry i -> page block_tables[g, i // block_size], offset i % block_size; row t sees entries
-0 .. kv_lens[t] - 1 (so intra-chunk causality is expressed per row).
+0 .. kv_lens[t] - 1 (so intra-chunk causality is expressed per row; a row that sees nothing gets
+zeros). Slots in slot_mapping are flat: page * block_size + offset, -1 = do not store.
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
 
 
+def store_kv_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (half rotation, cos/sin [T, D]) on q [T, H, D] and k [T, Hkv, D], then store_kv of the
+    roped k and v; returns the roped (q, k), new contiguous tensors of q's and k's dtypes."""
+    from morserve.model.layers import apply_rope  # deferred: morserve.model may come to import kernels
+
+    q_roped = apply_rope(q, cos, sin).to(q.dtype).contiguous()
+    k_roped = apply_rope(k, cos, sin).to(k.dtype).contiguous()
+    store_kv(k_roped, v, k_cache, v_cache, slot_mapping)
+    return q_roped, k_roped
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_group: torch.Tensor, kv_lens: torch.Tensor,
                     scale: float) -> torch.Tensor:
@@ -58,5 +72,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scores = torch.einsum("thd,shd->hts", q[rows].float(), k.float()) * scale
         visible = torch.arange(s, device=q.device)[None, :] < lens[:, None]
         scores = scores.masked_fill(~visible[None], float("-inf"))
-        out[rows] = torch.einsum("hts,shd->thd", torch.softmax(scores, -1), v.float()).to(q.dtype)
+        probs = torch.softmax(scores, -1).masked_fill((lens == 0)[None, :, None], 0.0)  # not NaN
+        out[rows] = torch.einsum("hts,shd->thd", probs, v.float()).to(q.dtype)
     return out

@@ -1,31 +1,32 @@
-"""Our checkpoint format: a directory with config.json, model.safetensors (MoRModel state dict:
-the shared block stored once) and tokenizer.json (+ tokenizer_config.json)."""
+"""Our checkpoint format: a directory with config.json (`ModelConfig.to_dict()`: HF Llama fields
+plus a `mor` section), model.safetensors (the MoRModel state dict: the shared block stored once)
+and, when the model has one, tokenizer.json + tokenizer_config.json."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from morserve.checkpoint.state import CheckpointError, build_model
 from morserve.config import ModelConfig
 from morserve.model.mor import MoRModel
-from morserve.tokenizer import Tokenizer
+from morserve.tokenizer import TOKENIZER_FILE, Tokenizer
 
+CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model it describes."""
 
 
 def save_checkpoint(model: MoRModel, tokenizer: Tokenizer | None, path: str | Path,
                     dtype: torch.dtype | None = None) -> Path:
-    """Write config.json, model.safetensors (optionally cast to `dtype`) and the tokenizer."""
+    """Write config.json, model.safetensors (cast to `dtype` if given) and the tokenizer."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.config.save(path / "config.json")
-    state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
+    model.config.save(path / CONFIG)
+    state = {k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt", "producer": "morserve"})
     if tokenizer is not None:
@@ -33,35 +34,29 @@ def save_checkpoint(model: MoRModel, tokenizer: Tokenizer | None, path: str | Pa
     return path
 
 
-def load_state_dict_into(model: MoRModel, state: dict[str, torch.Tensor], source: str) -> MoRModel:
-    """Copy `state` into `model`, naming every missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if shapes:
-        problems.append("shape mismatches " + "; ".join(shapes[:8]))
-    if problems:
-        raise CheckpointError(f"{source} does not match its config: " + "; ".join(problems))
-    with torch.no_grad():
-        for k, v in expected.items():
-            v.copy_(state[k])
-    return model
+def is_own_checkpoint(path: str | Path) -> bool:
+    """A directory whose config.json is ours (has a `mor` section), next to model.safetensors."""
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        return False
+    try:
+        return "mor" in json.loads((path / CONFIG).read_text())
+    except json.JSONDecodeError:
+        return False
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> tuple[MoRModel, Tokenizer | None]:
+    """Model (eval mode, on `device` in `dtype`) and tokenizer (None if the directory has none)."""
     path = Path(path)
-    if not (path / "config.json").exists() or not (path / WEIGHTS).exists():
-        raise CheckpointError(f"{path} is not a morserve checkpoint (needs config.json and {WEIGHTS})")
-    config = ModelConfig.load(path / "config.json")
-    model = MoRModel(config)
-    load_state_dict_into(model, load_file(str(path / WEIGHTS)), str(path / WEIGHTS))
-    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} is not a morserve checkpoint: {name} is missing")
+    config = ModelConfig.load(path / CONFIG)
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except SafetensorError as exc:
+        raise CheckpointError(f"cannot read {path / WEIGHTS}: {exc}") from exc
+    model = build_model(config, state, str(path / WEIGHTS), device, dtype)
+    tokenizer = Tokenizer.load(path) if (path / TOKENIZER_FILE).exists() else None
+    return model, tokenizer

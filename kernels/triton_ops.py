@@ -1,0 +1,14 @@
+"""The Triton implementation of every op in kernels.reference, with the same signatures.
+
+These run the kernels unconditionally: they need CUDA tensors, or CPU tensors when TRITON_INTERPRET=1
+was set before this module was first imported (triton 3.6 binds a kernel to the interpreter when it
+is decorated). `INTERPRETED` tells which mode this process got.
+"""
+
+from kernels._launch import INTERPRETED
+from kernels.attention import paged_attention
+from kernels.kv_store import store_kv, store_kv_rope
+from kernels.rows import gather_rows, gather_rows_rmsnorm, scatter_rows
+
+__all__ = ["INTERPRETED", "gather_rows", "gather_rows_rmsnorm", "paged_attention", "scatter_rows", "store_kv",
+           "store_kv_rope"]

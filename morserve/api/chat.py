@@ -1,0 +1,131 @@
+"""POST /v1/chat/completions: messages through the model's chat template, then the same
+generation and streaming as completions, answered as assistant messages / deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from morserve.api.errors import APIError, bad_request
+from morserve.api.generation import GENERATION_RESPONSES, ChoiceDelta, respond
+from morserve.api.logprobs import chat_logprobs
+from morserve.api.prompts import EnginePrompt, check_fits, check_prompt
+from morserve.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    ChatMessageParam,
+    DeltaMessage,
+    UsageInfo,
+    random_id,
+)
+from morserve.api.state import get_state
+from morserve.engine import AsyncLLMEngine, CompletionOutput, RequestOutput
+from morserve.tokenizer import Tokenizer
+
+router = APIRouter()
+
+
+def _conversation(messages: list[ChatMessageParam]) -> list[dict]:
+    conversation = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise APIError(400, "only text content parts ({'type': 'text', 'text': ...}) are supported",
+                               param="messages")
+            content = "\n".join(part.text for part in content)
+        message = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            message["name"] = m.name
+        conversation.append(message)
+    return conversation
+
+
+def chat_prompt_text(engine: AsyncLLMEngine, model: str, messages: list[ChatMessageParam],
+                     add_generation_prompt: bool) -> str:
+    """The messages rendered by the model's chat template (400 when it has none or it fails)."""
+    tokenizer = engine.tokenizer
+    if tokenizer is None or not tokenizer.chat_template:
+        raise APIError(400, f"the model `{model}` has no chat template: use /v1/completions with a plain prompt",
+                       param="messages")
+    try:
+        return tokenizer.apply_chat_template(_conversation(messages), add_generation_prompt=add_generation_prompt)
+    except APIError:
+        raise
+    except Exception as exc:       # the template runs on client data: any failure is the request's
+        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+
+
+@dataclass
+class ChatFormatter:
+    request_id: str
+    model: str
+    tokenizer: Tokenizer | None
+    num_choices: int
+    top_logprobs: int | None
+    return_depths: bool
+
+    def _logprobs(self, comp: CompletionOutput, start: int):
+        if self.top_logprobs is None:
+            return None
+        return chat_logprobs(self.tokenizer, comp.token_ids[start:], (comp.logprobs or [])[start:], self.top_logprobs)
+
+    def _depths(self, comp: CompletionOutput, start: int) -> list[int] | None:
+        return comp.depths[start:] if self.return_depths else None
+
+    def stream_prefix(self) -> list[ChatCompletionStreamResponse]:
+        return [ChatCompletionStreamResponse(id=self.request_id, model=self.model, choices=[
+            ChatCompletionResponseStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            for i in range(self.num_choices)]
+
+    def stream_chunk(self, d: ChoiceDelta) -> ChatCompletionStreamResponse:
+        choice = ChatCompletionResponseStreamChoice(
+            index=d.index, delta=DeltaMessage(content=d.text), logprobs=self._logprobs(d.completion, d.start),
+            finish_reason=d.finish_reason, stop_reason=d.stop_reason, depths=self._depths(d.completion, d.start))
+        return ChatCompletionStreamResponse(id=self.request_id, model=self.model, choices=[choice])
+
+    def usage_chunk(self, usage: UsageInfo) -> ChatCompletionStreamResponse:
+        return ChatCompletionStreamResponse(id=self.request_id, model=self.model, choices=[], usage=usage)
+
+    def response(self, outputs: list[RequestOutput], usage: UsageInfo) -> ChatCompletionResponse:
+        choices = [ChatCompletionResponseChoice(      # one prompt: choice index = sequence index
+            index=comp.index, message=ChatMessage(role="assistant", content=comp.text),
+            logprobs=self._logprobs(comp, 0), finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+            depths=self._depths(comp, 0)) for out in outputs for comp in out.outputs]
+        return ChatCompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage)
+
+
+def _check_supported(body: ChatCompletionRequest) -> None:
+    if body.tools and body.tool_choice != "none":
+        raise APIError(400, "tool calling is not supported", param="tools")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, f"response_format {body.response_format.type!r} is not supported (only 'text')",
+                       param="response_format")
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES)
+async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
+    state = get_state(raw)
+    engine = state.ready_engine()
+    model = state.check_model(body.model)
+    _check_supported(body)
+    text = chat_prompt_text(engine, model, body.messages, body.add_generation_prompt)
+    prompts = [EnginePrompt(check_prompt(engine, engine.tokenizer.encode(text, add_special_tokens=False)), text)]
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    try:
+        params = body.sampling_params(max_tokens, top_logprobs)
+    except ValueError as exc:
+        raise bad_request(exc) from None
+    check_fits(engine, prompts, params)
+    request_id = random_id("chatcmpl")
+    formatter = ChatFormatter(request_id, model, engine.tokenizer, params.n, top_logprobs, body.return_depths)
+    return await respond(raw, state, prompts, params, request_id, formatter, bool(body.stream), body.stream_options)

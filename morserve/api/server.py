@@ -1,0 +1,192 @@
+"""`morserve serve` / `server.py`: vLLM's flags, the FastAPI app factory, uvicorn, and shutdown.
+
+The app answers at once; the engine is built in a daemon thread (/health 503 until it is ready) and
+then runs in its own thread, so the event loop never waits on the model. SIGTERM / SIGINT drain:
+/health and new generation requests answer 503, running requests finish (for at most
+--shutdown-timeout seconds, then they are aborted), the engine stops, the process exits 0. A second
+signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+import morserve
+from morserve.api.errors import install_error_handlers
+from morserve.api.metrics import ServerMetrics
+from morserve.api.middleware import RequestMiddleware
+from morserve.api.routes import router
+from morserve.api.state import ServerSettings, ServerState
+from morserve.engine import AsyncLLMEngine, EngineArgs
+
+logger = logging.getLogger("morserve.api")
+
+DEFAULT_MODEL = EngineArgs.model
+EngineFactory = Callable[[], AsyncLLMEngine]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="morserve serve", description="OpenAI-compatible server (vLLM's flags).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory, .gguf file or known model name")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) the API answers to (default: --model); the first is used in responses")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batching", choices=["depthwise", "vanilla"], default="depthwise")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pages (overrides --gpu-memory-utilization)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=os.environ.get("MORSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on the API (default: $MORSERVE_API_KEY)")
+    p.add_argument("--max-num-queued-reqs", type=int, default=1024,
+                   help="sequences that may wait beyond --max-num-seqs; more get 429 (-1: unlimited)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM")
+    p.add_argument("--enable-force-include-usage", action="store_true",
+                   help="send usage in every stream, as if stream_options.include_usage were set")
+    p.add_argument("--vllm-metric-names", action="store_true",
+                   help="also export vllm:num_requests_waiting/running and vllm:kv_cache_usage_perc")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    return p
+
+
+def engine_args(ns: argparse.Namespace) -> EngineArgs:
+    args = EngineArgs(model=ns.model, batching=ns.batching, max_num_seqs=ns.max_num_seqs,
+                      max_num_batched_tokens=ns.max_num_batched_tokens, num_kv_blocks=ns.num_kv_blocks,
+                      gpu_memory_utilization=ns.gpu_memory_utilization, block_size=ns.block_size,
+                      device=ns.device, dtype=ns.dtype, seed=ns.seed, max_model_len=ns.max_model_len)
+    args.validate()
+    return args
+
+
+def server_settings(ns: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(model=ns.model, served_model_names=ns.served_model_name or [ns.model],
+                          max_num_seqs=ns.max_num_seqs,
+                          max_num_queued_reqs=None if ns.max_num_queued_reqs < 0 else ns.max_num_queued_reqs,
+                          api_key=ns.api_key, enable_force_include_usage=ns.enable_force_include_usage,
+                          vllm_metric_names=ns.vllm_metric_names)
+
+
+async def _build_in_thread(factory: EngineFactory) -> AsyncLLMEngine:
+    """Run the factory in a daemon thread (a stuck load never blocks the process from exiting)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(setter: Callable, value: object) -> None:
+        if not future.done():
+            setter(value)
+
+    def work() -> None:
+        try:
+            result = factory()
+            loop.call_soon_threadsafe(settle, future.set_result, result)
+        except BaseException as exc:  # noqa: BLE001 - reported to the waiting coroutine
+            with contextlib.suppress(RuntimeError):           # loop already closed
+                loop.call_soon_threadsafe(settle, future.set_exception, exc)
+
+    threading.Thread(target=work, name="morserve-load", daemon=True).start()
+    return await future
+
+
+def create_app(settings: ServerSettings, engine_factory: EngineFactory,
+               on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The app; the engine comes from `engine_factory()` (run in a thread after startup)."""
+    state = ServerState(settings, ServerMetrics(settings.model_name, settings.vllm_metric_names))
+
+    async def load() -> None:
+        try:
+            engine = await _build_in_thread(engine_factory)
+        except Exception as exc:
+            logger.exception("loading the model failed")
+            state.load_error = exc
+            if on_load_failure is not None:
+                on_load_failure(exc)
+            return
+        engine.add_tick_listener(state.metrics.on_tick)
+        state.engine = engine
+        logger.info("model %s loaded; serving", settings.model)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.ensure_future(load())
+        yield
+        loading.cancel()
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="morserve", version=morserve.__version__, lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestMiddleware, api_key=settings.api_key)
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM/SIGINT starting a drain instead of closing the listener at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.shutdown_timeout = shutdown_timeout
+        self.draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or self._loop is None:
+            self.should_exit = self.force_exit = True
+            return
+        self.draining = True
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.drain()))
+
+    async def drain(self) -> None:
+        self.state.draining = True
+        logger.info("draining: %d request(s) in flight, %.0fs to finish",
+                    self.state.in_flight_requests, self.shutdown_timeout)
+        if not await self.state.wait_idle(self.shutdown_timeout):
+            logger.warning("shutdown timeout: aborting %d request(s)", self.state.in_flight_requests)
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        eargs = engine_args(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=ns.log_level.upper() if ns.log_level != "trace" else "DEBUG",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    failure: list[BaseException] = []
+    server: DrainingServer | None = None
+
+    def on_load_failure(exc: BaseException) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    app = create_app(server_settings(ns), lambda: AsyncLLMEngine.from_args(eargs), on_load_failure)
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
+                            timeout_graceful_shutdown=2, access_log=ns.log_level in ("debug", "trace"))
+    server = DrainingServer(config, app.state.server, ns.shutdown_timeout)
+    server.run()
+    return 1 if failure else 0

@@ -1,0 +1,272 @@
+"""Triton kernels vs their torch references (kernels.reference) on fresh random inputs.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors: TRITON_INTERPRET must be
+set before kernels.triton_ops is imported (triton 3.6 binds the interpreter at decoration time).
+With CUDA the same tests run the compiled kernels on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels  # noqa: E402
+import kernels.reference as ref  # noqa: E402
+import kernels.triton_ops as tri  # noqa: E402
+from morserve.model.layers import rope_cos_sin  # noqa: E402
+
+if not torch.cuda.is_available() and not tri.INTERPRETED:
+    raise RuntimeError("kernels.triton_ops was imported without TRITON_INTERPRET=1 before this module ran")
+
+# The interpreter converts the loaded loop bound of a `range` through a 1-element array.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DEVICE = torch.device("cpu" if tri.INTERPRETED else "cuda")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The interpreter truncates fp32 -> bf16 casts and attention feeds bf16/fp16 probabilities to the PV dot.
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=4e-3, rtol=4e-3),
+       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed() -> int:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")  # shown by pytest when the test fails
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.empty returns NaN-filled float tensors, so an output element a kernel forgot to write
+    shows up as NaN instead of happening to hold the right value."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _rand(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def _strided(t: int, heads: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """[t, heads, d] view with a padded row stride, as produced by splitting a fused projection."""
+    return _rand(t, heads + 3, d, dtype=dtype)[:, 1:heads + 1]
+
+
+# --- gather / scatter -------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("width", [48, 2500])  # 2500: more than one column block per row
+def test_gather_rows(dtype: torch.dtype, index_dtype: torch.dtype, width: int) -> None:
+    pool = _rand(37, width, dtype=dtype)
+    index = torch.randint(0, 37, (11,), device=DEVICE, dtype=index_dtype)
+    out = tri.gather_rows(pool, index)
+    assert out.shape == (11, width) and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, ref.gather_rows(pool, index))
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+def test_gather_rows_strided_pool() -> None:
+    pool = _rand(20, 64, dtype=torch.float32)[:, ::2]
+    index = torch.randperm(20, device=DEVICE)[:7]
+    assert torch.equal(tri.gather_rows(pool, index), ref.gather_rows(pool, index))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_scatter_rows(dtype: torch.dtype, index_dtype: torch.dtype) -> None:
+    pool = torch.full((40, 80), float("nan"), device=DEVICE, dtype=dtype)
+    index = torch.randperm(40, device=DEVICE)[:13].to(index_dtype)
+    rows = _rand(13, 80, dtype=dtype)
+    expected = pool.clone()
+    ref.scatter_rows(expected, index, rows)
+    tri.scatter_rows(pool, index, rows)
+    assert torch.equal(pool.nan_to_num(7.0), expected.nan_to_num(7.0))  # untouched rows stay NaN
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float16, torch.bfloat16])
+def test_scatter_rows_casts_to_pool_dtype(pool_dtype: torch.dtype) -> None:
+    pool = _rand(30, 64, dtype=pool_dtype)
+    index = torch.randperm(30, device=DEVICE)[:9]
+    rows = _rand(9, 64, dtype=torch.float32)
+    expected = pool.clone()
+    ref.scatter_rows(expected, index, rows)
+    tri.scatter_rows(pool, index, rows)
+    torch.testing.assert_close(pool, expected, **TOL[pool_dtype])
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("width", [64, 200])
+def test_gather_rows_rmsnorm(dtype: torch.dtype, weight_dtype, width: int) -> None:
+    pool = _rand(25, width, dtype=dtype) * 3
+    index = torch.randint(0, 25, (9,), device=DEVICE, dtype=torch.int32)
+    weight = (1 + 0.1 * _rand(width, dtype=torch.float32)).to(dtype if weight_dtype == "same" else weight_dtype)
+    rows, normed = tri.gather_rows_rmsnorm(pool, index, weight, 1e-6)
+    rows_ref, normed_ref = ref.gather_rows_rmsnorm(pool, index, weight, 1e-6)
+    assert torch.equal(rows, rows_ref)
+    assert normed.dtype == normed_ref.dtype
+    torch.testing.assert_close(normed, normed_ref, **TOL[dtype])
+
+
+# --- paged KV store ---------------------------------------------------------------------------------
+
+def _caches(num_pages: int, page_size: int, hkv: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_pages, page_size, hkv, d)
+    nan = float("nan")
+    return (torch.full(shape, nan, device=DEVICE, dtype=dtype), torch.full(shape, nan, device=DEVICE, dtype=dtype))
+
+
+def _slots(t: int, num_pages: int, page_size: int) -> torch.Tensor:
+    """Distinct flat slots on shuffled pages, with every third row skipped (-1)."""
+    slots = torch.randperm(num_pages * page_size, device=DEVICE)[:t]
+    slots[::3] = -1
+    return slots
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size,hkv,d", [(4, 2, 16), (16, 3, 32)])
+def test_store_kv(dtype: torch.dtype, page_size: int, hkv: int, d: int) -> None:
+    t, pages = 10, 6
+    k, v = _strided(t, hkv, d, dtype), _strided(t, hkv, d, dtype)
+    slot_mapping = _slots(t, pages, page_size)
+    k_cache, v_cache = _caches(pages, page_size, hkv, d, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    ref.store_kv(k, v, k_ref, v_ref, slot_mapping)
+    tri.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    torch.testing.assert_close(k_cache, k_ref, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size,h,hkv,d", [(4, 4, 2, 16), (16, 3, 3, 64)])
+def test_store_kv_rope(dtype: torch.dtype, page_size: int, h: int, hkv: int, d: int) -> None:
+    t, pages = 7, 5
+    q, k, v = _strided(t, h, d, dtype), _strided(t, hkv, d, dtype), _strided(t, hkv, d, dtype)
+    cos, sin = rope_cos_sin(torch.randint(0, 4096, (t,), device=DEVICE), d, 10000.0, dtype)
+    slot_mapping = _slots(t, pages, page_size)
+    k_cache, v_cache = _caches(pages, page_size, hkv, d, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_ref_out, k_ref_out = ref.store_kv_rope(q, k, v, cos, sin, k_ref, v_ref, slot_mapping)
+    q_out, k_out = tri.store_kv_rope(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    assert q_out.dtype == dtype and k_out.dtype == dtype and q_out.is_contiguous() and k_out.is_contiguous()
+    torch.testing.assert_close(q_out, q_ref_out, **TOL[dtype])
+    torch.testing.assert_close(k_out, k_ref_out, **TOL[dtype])
+    torch.testing.assert_close(k_cache, k_ref, equal_nan=True, **TOL[dtype])
+    torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0, equal_nan=True)
+
+
+# --- paged attention --------------------------------------------------------------------------------
+
+# Groups (a sequence at one cache depth) as (entries cached before this tick, query rows this tick):
+# one query row = a decode step, several = a prefill chunk whose row i sees prefix + i + 1 entries.
+_GROUPS = [(37, 1), (0, 4), (150, 1), (20, 3), (64, 1), (90, 2)]
+
+
+def _paged_batch(dtype: torch.dtype, h: int, hkv: int, d: int, page_size: int) -> dict[str, torch.Tensor]:
+    """A mixed decode/prefill batch over shuffled, non-contiguous pages. Cache entries nobody may
+    read (spare pages, page tails) are NaN, unused block-table entries -1, and the table has a row
+    no query uses, so the kernel must follow query_group rather than row order."""
+    lengths = [ctx + n for ctx, n in _GROUPS]
+    needed = [-(-n // page_size) for n in lengths]
+    num_pages = sum(needed) + 5
+    k_cache, v_cache = _caches(num_pages, page_size, hkv, d, dtype)
+    table_rows = torch.randperm(len(_GROUPS) + 1, device=DEVICE)  # group g -> table row table_rows[g]
+    block_tables = torch.full((len(_GROUPS) + 1, max(needed) + 2), -1, device=DEVICE, dtype=torch.int32)
+    pages = torch.randperm(num_pages, device=DEVICE).split(needed + [5])
+    groups, kv_lens = [], []
+    for g, ((ctx, n), length, own) in enumerate(zip(_GROUPS, lengths, pages)):
+        block_tables[table_rows[g], : len(own)] = own.to(torch.int32)
+        slots = own.repeat_interleave(page_size) * page_size + torch.arange(page_size, device=DEVICE).repeat(len(own))
+        flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+        flat_k[slots[:length]] = _rand(length, hkv, d, dtype=dtype)
+        flat_v[slots[:length]] = _rand(length, hkv, d, dtype=dtype)
+        groups += [int(table_rows[g])] * n
+        kv_lens += range(ctx + 1, ctx + n + 1)
+    groups.append(int(table_rows[1]))  # a row that sees nothing: zeros, not NaN
+    kv_lens.append(0)
+    order = torch.randperm(len(groups), device=DEVICE)  # interleave decode rows and chunk rows
+    return dict(q=_strided(len(groups), h, d, dtype), k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                query_group=torch.tensor(groups, device=DEVICE, dtype=torch.int32)[order],
+                kv_lens=torch.tensor(kv_lens, device=DEVICE, dtype=torch.int32)[order])
+
+
+# (page size, H, Hkv, D): GQA 1 / 4 / 3, every head dim and page size, each dtype on two of them.
+_ATTENTION_SHAPES = [(4, 2, 2, 16), (16, 8, 2, 32), (4, 6, 2, 64)]
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype,shape", [pytest.param(dtype, shape, id=f"{str(dtype)[6:]}-{'-'.join(map(str, shape))}")
+                                         for i, dtype in enumerate(DTYPES)
+                                         for shape in (_ATTENTION_SHAPES * 2)[i:i + 2]])
+def test_paged_attention(dtype: torch.dtype, shape: tuple[int, int, int, int]) -> None:
+    page_size, h, hkv, d = shape
+    batch = _paged_batch(dtype, h, hkv, d, page_size)
+    out = tri.paged_attention(**batch, scale=d ** -0.5)
+    expected = ref.paged_attention(**batch, scale=d ** -0.5)
+    assert out.shape == batch["q"].shape and out.dtype == dtype
+    assert not expected.isnan().any()
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    assert torch.all(out[batch["kv_lens"] == 0] == 0)
+
+
+def test_reference_paged_attention_is_causal_attention() -> None:
+    """The oracle itself: one prompt prefilled on shuffled pages equals dense causal GQA attention."""
+    t, h, hkv, d, page_size = 11, 4, 2, 16, 4
+    q, k, v = (torch.randn(t, n, d) for n in (h, hkv, hkv))
+    pages = torch.randperm(8)[: -(-t // page_size)]
+    k_cache, v_cache = torch.zeros(8, page_size, hkv, d), torch.zeros(8, page_size, hkv, d)
+    slots = (pages[:, None] * page_size + torch.arange(page_size)).flatten()[:t]
+    ref.store_kv(k, v, k_cache, v_cache, slots)
+    out = ref.paged_attention(q, k_cache, v_cache, pages[None].int(), torch.zeros(t, dtype=torch.int32),
+                              torch.arange(1, t + 1, dtype=torch.int32), d ** -0.5)
+    dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(h // hkv, 1).transpose(0, 1),
+                                           v.repeat_interleave(h // hkv, 1).transpose(0, 1), is_causal=True)
+    torch.testing.assert_close(out, dense.transpose(0, 1), **TOL[torch.float32])
+
+
+# --- edge cases and dispatch ------------------------------------------------------------------------
+
+def test_empty_batch() -> None:
+    pool, none = _rand(5, 32, dtype=torch.float32), torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    assert tri.gather_rows(pool, none).shape == (0, 32)
+    tri.scatter_rows(pool, none, pool[:0])
+    assert tri.gather_rows_rmsnorm(pool, none, pool[0], 1e-6)[1].shape == (0, 32)
+    k_cache, v_cache = _caches(2, 4, 2, 16, torch.float32)
+    empty = _rand(0, 2, 16, dtype=torch.float32)
+    tri.store_kv(empty, empty, k_cache, v_cache, none)
+    assert tri.paged_attention(empty, k_cache, v_cache, none.view(1, 0), none, none, 0.25).shape == (0, 2, 16)
+
+
+def test_dispatch_on_cpu_uses_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in kernels.__all__:
+        monkeypatch.setattr(tri, name, None)  # calling the Triton path would fail
+    pool = torch.randn(6, 8)
+    index = torch.tensor([4, 0])
+    assert torch.equal(kernels.gather_rows(pool, index), pool[index])
+    rows, _ = kernels.gather_rows_rmsnorm(pool, index=index, weight=torch.ones(8), eps=1e-6)
+    assert torch.equal(rows, pool[index])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dispatch_on_cuda_uses_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(tri, "gather_rows", lambda pool, index: calls.append(pool) or pool[index])
+    pool = torch.randn(6, 8, device="cuda")
+    kernels.gather_rows(pool, torch.tensor([1], device="cuda"))
+    assert len(calls) == 1
