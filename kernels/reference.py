@@ -57,21 +57,29 @@ def store_kv_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_group: torch.Tensor, kv_lens: torch.Tensor,
                     scale: float) -> torch.Tensor:
-    """q [T, H, D] -> [T, H, D]; GQA; softmax in float32. Rows of one group are attended together."""
+    """q [T, H, D] -> [T, H, D]; GQA (head i reads KV head i // (H / Hkv)); softmax in float32.
+    Rows are processed in slices whose gathered [rows, S, H, D] float32 work stays near 64 MB."""
     t, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty_like(q)
-    groups = query_group.long()
-    for g in torch.unique(groups).tolist():
-        rows = (groups == g).nonzero().squeeze(1)
-        lens = kv_lens.long()[rows]
-        s = int(lens.max())
-        pages = block_tables[g, : (s + bs - 1) // bs].long()
-        k = k_cache[pages].reshape(-1, hkv, d)[:s].repeat_interleave(h // hkv, dim=1)
-        v = v_cache[pages].reshape(-1, hkv, d)[:s].repeat_interleave(h // hkv, dim=1)
-        scores = torch.einsum("thd,shd->hts", q[rows].float(), k.float()) * scale
-        visible = torch.arange(s, device=q.device)[None, :] < lens[:, None]
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-        probs = torch.softmax(scores, -1).masked_fill((lens == 0)[None, :, None], 0.0)  # not NaN
-        out[rows] = torch.einsum("hts,shd->thd", probs, v.float()).to(q.dtype)
+    out = torch.zeros_like(q)
+    lens = kv_lens.long()
+    s = int(lens.max()) if t else 0
+    if s == 0:
+        return out
+    nb = -(-s // bs)
+    visible_pos = torch.arange(s, device=q.device)
+    step = max(1, (1 << 24) // (s * h * d))
+    for start in range(0, t, step):
+        rows = slice(start, min(t, start + step))
+        pages = block_tables[query_group[rows].long(), :nb].long()              # [R, nb]
+        r = pages.shape[0]
+        k = k_cache[pages].reshape(r, nb * bs, hkv, d)[:, :s].float()          # [R, S, Hkv, D]
+        v = v_cache[pages].reshape(r, nb * bs, hkv, d)[:, :s].float()
+        qg = q[rows].float().view(r, hkv, h // hkv, d)
+        scores = torch.einsum("rkgd,rskd->rkgs", qg, k) * scale
+        visible = visible_pos[None, :] < lens[rows, None]                        # [R, S]
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, -1).masked_fill((lens[rows] == 0)[:, None, None, None], 0.0)
+        v = v.masked_fill(~visible[:, :, None, None], 0.0)                       # unread slots may hold NaN
+        out[rows] = torch.einsum("rkgs,rskd->rkgd", probs, v).reshape(r, h, d).to(q.dtype)
     return out

@@ -11,6 +11,7 @@ import torch
 
 from engine_utils import check_against_reference, run_to_completion, tiny_model
 from morserve.engine import EngineArgs, LLMEngine, SamplingParams
+from morserve.engine.cuda_graphs import GraphedBlockPass, graph_sizes
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -280,3 +281,78 @@ def test_incomplete_utf8_is_held_back_while_streaming():
     for t in texts[:-1]:
         assert not t.endswith("\ufffd")
         assert texts[-1].startswith(t)
+
+
+@pytest.mark.parametrize("router", ["expert", "token", None])
+@pytest.mark.parametrize("kv_mode", ["recursion", "share_first"])
+def test_padded_static_block_pass_matches_reference(router, kv_mode, monkeypatch):
+    """The CUDA-graph path's static padded buffers, run eagerly: padding rows must be inert and
+    ticks too big for the largest size must fall back to the plain pass."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    model = tiny_model(router, kv_mode, 3, seed=seed)
+    engine = make_engine(model, max_model_len=128)
+    engine.runner.use_graphs(graph_sizes(24), engine.max_model_len, capture=False)
+    padded_calls = []
+    run_padded = GraphedBlockPass.__call__
+    monkeypatch.setattr(GraphedBlockPass, "__call__",
+                        lambda self, meta, tables: padded_calls.append(meta.shape[1]) or run_padded(self, meta, tables))
+    arrivals = random_workload(rng, model.config.vocab_size, n=8)
+    results = run_to_completion(engine, {k: list(v) for k, v in arrivals.items()})
+    assert_matches_reference(model, arrivals, results)
+    assert engine.check_no_leak()
+    assert any(t not in engine.runner.graphed.sizes for t in padded_calls), "padding was never exercised"
+
+
+def test_graph_sizes_cover_every_count_with_bounded_padding():
+    sizes = graph_sizes(512)
+    assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 512
+    for t in range(1, 513):
+        padded = next(s for s in sizes if s >= t)
+        assert padded - t <= max(7, t // 7)
+    assert graph_sizes(20)[-1] == 20 and graph_sizes(0) == []
+
+
+def test_extreme_sampling_inputs_do_not_break_the_engine():
+    """A seed beyond 64 bits, a 1e-38 repetition penalty and a tiny temperature run beside
+    ordinary greedy requests, which still match the reference."""
+    model = tiny_model("expert", "recursion", 2, seed=12)
+    engine = make_engine(model)
+    odd = [("huge-seed", SamplingParams(max_tokens=6, seed=2**70 + 3, temperature=1.0)),
+           ("tiny-penalty", SamplingParams(max_tokens=6, repetition_penalty=1e-38, temperature=0.8)),
+           ("tiny-temp", SamplingParams(max_tokens=6, temperature=1e-4, top_p=0.5))]
+    plain = [(f"g{i}", [i + 1, i + 2, i + 3], SamplingParams(max_tokens=8, **GREEDY)) for i in range(3)]
+    res = run_to_completion(engine, {0: [(rid, [5, 6, 7], p) for rid, p in odd] + plain})
+    for rid, _ in odd:
+        out = res[rid].outputs[0]
+        assert out.finish_reason == "length" and len(out.token_ids) == 6
+    for rid, prompt, _ in plain:
+        out = res[rid].outputs[0]
+        check_against_reference(model, prompt, out.token_ids, out.depths)
+    again = run_to_completion(engine, {0: [("again", [5, 6, 7], odd[0][1])]})["again"]
+    assert again.outputs[0].token_ids == res["huge-seed"].outputs[0].token_ids
+    assert engine.check_no_leak()
+
+
+def test_min_tokens_that_would_ban_every_token_is_rejected():
+    model = tiny_model("expert", "recursion", 2, vocab=20)
+    engine = make_engine(model)
+    with pytest.raises(ValueError, match="ban every token"):
+        engine.add_request("a", [1, 2], SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=list(range(20))))
+    assert engine.check_no_leak() and not engine.has_unfinished_requests()
+    # out-of-vocabulary stop ids can never be generated: accepted and harmless
+    out = run_to_completion(engine, {0: [("b", [1, 2], SamplingParams(max_tokens=4, min_tokens=2, temperature=0,
+                                                                       stop_token_ids=[5000]))]})["b"]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def test_abort_publishes_fresh_stats_without_a_tick():
+    model = tiny_model("expert", "recursion", 2, seed=3)
+    engine = make_engine(model)
+    seen = []
+    engine.tick_listeners.append(seen.append)
+    engine.add_request("a", list(range(1, 20)), SamplingParams(max_tokens=50, **GREEDY))
+    engine.step()
+    assert seen[-1].num_running == 1 and seen[-1].kv_usage > 0
+    engine.abort_request("a")
+    assert seen[-1].num_running == 0 and seen[-1].kv_usage == 0 and seen[-1].num_block_tokens == 0

@@ -168,7 +168,7 @@ def test_reference_is_causal(router, kv_mode):
         full = reference_forward(model, ids)
         for cut in (1, 7, 16):
             prefix = reference_forward(model, ids[:, :cut])
-            assert torch.allclose(prefix.logits, full.logits[:, :cut], atol=1e-5), f"seed {seed}"
+            assert torch.allclose(prefix.logits, full.logits[:, :cut], rtol=1e-4, atol=1e-4), f"seed {seed}"
             assert torch.equal(prefix.depths, full.depths[:, :cut])
     if router is not None:
         assert full.depths.unique().numel() >= 2, "routing should be non-trivial at this init"

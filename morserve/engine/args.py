@@ -16,7 +16,9 @@ class EngineArgs:
     already-built MoRModel (then pass `tokenizer` too, or None for token-id prompts only).
     KV capacity: `num_kv_blocks` pages (a page = block_size tokens of K and V for ONE layer), or
     `kv_cache_memory` bytes, or by default `gpu_memory_utilization` of the GPU / 1 GiB on CPU,
-    capped at what max_num_seqs sequences of max_model_len tokens could ever use."""
+    capped at what max_num_seqs sequences of max_model_len tokens could ever use.
+    On CUDA, block passes of up to `cuda_graph_max_tokens` tokens replay CUDA graphs captured at
+    start-up for padded sizes; `enforce_eager` turns that off (vLLM spelling)."""
 
     model: Any = "morserve-mini-mor3"
     tokenizer: Any = None
@@ -31,6 +33,8 @@ class EngineArgs:
     dtype: str | torch.dtype = "auto"
     seed: int = 0
     max_model_len: int | None = None
+    enforce_eager: bool = False
+    cuda_graph_max_tokens: int = 512
 
     def validate(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -45,6 +49,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_memory must be >= 1 byte, got {self.kv_cache_memory}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.cuda_graph_max_tokens, int) or self.cuda_graph_max_tokens < 0:
+            raise ValueError(f"cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -8,26 +8,42 @@ with share-first only stage 1 exists.
 Storage is one pool of *pages*: a page holds `block_size` tokens of K and V for ONE layer, so
 stages with different layer counts share a single free list and memory moves freely between
 depths. A logical block of a stage with m layers is m pages (one per layer), so a stage's block
-table is [num_blocks, m] page ids and layer l of the stage reads column l.
+table is [num_blocks, m] page ids and layer l of the stage reads column l. Tables are numpy arrays
+grown by doubling, so a tick's padded table batch is built by slice copies, not Python loops.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import torch
+
+import kernels
 
 
 class OutOfPages(RuntimeError):
     """Raised when an allocation needs more free pages than the pool holds."""
 
 
-@dataclass
 class StageCache:
-    """One sequence's entries at one cache stage."""
+    """One sequence's entries at one cache stage: `pages[:num_blocks]` is its block table
+    ([num_blocks, layers] page ids) and `length` the entries written or reserved."""
 
-    blocks: list[list[int]] = field(default_factory=list)  # per logical block: page id per layer
-    length: int = 0                                         # entries written (or reserved)
+    def __init__(self, layers: int) -> None:
+        self.pages = np.zeros((4, layers), dtype=np.int32)
+        self.num_blocks = 0
+        self.length = 0
+
+    @property
+    def table(self) -> np.ndarray:
+        return self.pages[: self.num_blocks]
+
+    def add_block(self, page_ids: list[int]) -> None:
+        if self.num_blocks == len(self.pages):
+            self.pages = np.concatenate([self.pages, np.zeros_like(self.pages)])
+        self.pages[self.num_blocks] = page_ids
+        self.num_blocks += 1
 
 
 class BlockManager:
@@ -53,7 +69,7 @@ class BlockManager:
         if layers == 0 or new_entries <= 0:
             return 0
         cache = self.tables.get((seq_id, stage))
-        length, have = (cache.length, len(cache.blocks)) if cache else (0, 0)
+        length, have = (cache.length, cache.num_blocks) if cache else (0, 0)
         need_blocks = -(-(length + new_entries) // self.block_size)
         return max(0, need_blocks - have) * layers
 
@@ -64,7 +80,7 @@ class BlockManager:
     def blocks_used_per_stage(self) -> list[int]:
         used = [0] * len(self.layers_per_stage)
         for (_, stage), cache in self.tables.items():
-            used[stage] += len(cache.blocks)
+            used[stage] += cache.num_blocks
         return used
 
     def usage(self) -> float:
@@ -76,10 +92,12 @@ class BlockManager:
         needed = self.pages_needed(seq_id, stage, new_entries)
         if needed > self.num_free_pages:
             raise OutOfPages(f"need {needed} pages, {self.num_free_pages} free")
-        cache = self.tables.setdefault((seq_id, stage), StageCache())
         layers = self.layers_per_stage[stage]
-        while len(cache.blocks) * self.block_size < cache.length + new_entries and layers:
-            cache.blocks.append([self.free_pages.pop() for _ in range(layers)])
+        cache = self.tables.get((seq_id, stage))
+        if cache is None:
+            cache = self.tables[(seq_id, stage)] = StageCache(layers)
+        while cache.num_blocks * self.block_size < cache.length + new_entries and layers:
+            cache.add_block([self.free_pages.pop() for _ in range(layers)])
         start = cache.length
         cache.length += new_entries
         return start
@@ -88,20 +106,49 @@ class BlockManager:
         cache = self.tables.get((seq_id, stage))
         return cache.length if cache else 0
 
-    def block_table(self, seq_id: int, stage: int) -> list[list[int]]:
+    def block_table(self, seq_id: int, stage: int) -> np.ndarray:
+        """[num_blocks, layers] page ids of (seq, stage) (empty if it holds nothing)."""
         cache = self.tables.get((seq_id, stage))
-        return cache.blocks if cache else []
+        return cache.table if cache else np.zeros((0, self.layers_per_stage[stage]), dtype=np.int32)
+
+    def pages_held(self, seq_id: int) -> int:
+        """Pages the sequence holds over all stages."""
+        return sum(self.block_table(seq_id, stage).size for stage in range(len(self.layers_per_stage)))
 
     def free_sequence(self, seq_id: int) -> None:
         """Return every page of the sequence, at all stages, to the free list."""
         for stage in range(len(self.layers_per_stage)):
             cache = self.tables.pop((seq_id, stage), None)
             if cache:
-                for block in cache.blocks:
-                    self.free_pages.extend(block)
+                self.free_pages.extend(cache.table.ravel().tolist())
 
     def all_free(self) -> bool:
         return self.num_free_pages == self.num_pages and not self.tables
+
+
+class PagedKVCache:
+    """The device side: K and V page pools [num_pages, block_size, Hkv, D] shared by all layers."""
+
+    def __init__(self, num_pages: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_pages, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.scale = head_dim ** -0.5
+
+    def attend_fn(self, tables: torch.Tensor, rows: torch.Tensor, entries: torch.Tensor,
+                  kv_lens: torch.Tensor, layer: int) -> Callable:
+        """Attention callback for one layer: store the batch's K/V at `entries` (>= 0) of each
+        row's table row, then paged attention over each row's first kv_lens entries. Pure tensor
+        ops: safe inside CUDA-graph capture."""
+        slots = slot_mapping(tables, rows, entries, layer, self.block_size)
+        layer_tables = tables[:, :, layer].contiguous()
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kernels.store_kv(k, v, self.k, self.v, slots)
+            return kernels.paged_attention(q, self.k, self.v, layer_tables, rows, kv_lens, self.scale)
+        return attend
 
 
 def slot_mapping(tables: torch.Tensor, rows: torch.Tensor, entries: torch.Tensor,
@@ -114,11 +161,13 @@ def slot_mapping(tables: torch.Tensor, rows: torch.Tensor, entries: torch.Tensor
     return torch.where(entries >= 0, slots, torch.full_like(slots, -1))
 
 
-def build_tables(block_lists: list[list[list[int]]], layers: int, device: torch.device) -> torch.Tensor:
-    """Pad per-group block tables (lists of [layers] page ids) into one int32 tensor [G, M, layers]."""
-    width = max([len(b) for b in block_lists] + [1])
-    out = torch.zeros(len(block_lists), width, max(layers, 1), dtype=torch.int32)
-    for g, blocks in enumerate(block_lists):
-        if blocks:
-            out[g, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-    return out.to(device)
+def build_tables(tables: list[np.ndarray], layers: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Pad per-group block tables ([blocks, layers] page ids each) into one int32 array
+    [G, M, layers] (M = the widest table), or into the front of `out` when given."""
+    if out is None:
+        width = max([len(t) for t in tables] + [1])
+        out = np.zeros((len(tables), width, max(layers, 1)), dtype=np.int32)
+    for g, table in enumerate(tables):
+        if len(table):
+            out[g, : len(table)] = table
+    return out

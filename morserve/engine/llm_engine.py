@@ -18,7 +18,7 @@ produced it (the last input token); the dense reference's `depths[prompt_len - 1
 from __future__ import annotations
 
 import itertools
-import time
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,13 +28,15 @@ from morserve.config import ModelConfig
 from morserve.engine.args import EngineArgs
 from morserve.engine.kv_cache import BlockManager
 from morserve.engine.outputs import CompletionOutput, RequestOutput
+from morserve.engine.cuda_graphs import graph_sizes
 from morserve.engine.runner import ModelRunner
-from morserve.engine.sampler import sample_token, top_logprobs
+from morserve.engine.sampler import Sampled, SamplingRow, prompt_logprobs, sample
 from morserve.engine.sampling_params import SamplingParams
 from morserve.engine.scheduler import Scheduler
 from morserve.engine.sequence import Chunk, Request, Sequence, SeqStatus
 from morserve.model.mor import MoRModel
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class TickStats:
@@ -73,6 +75,9 @@ class LLMEngine:
         num_pages = args.num_pages(page_bytes, self._worst_pages(self.max_model_len), param.device)
         self.blocks = BlockManager(num_pages, args.block_size, stages)
         self.runner = ModelRunner(self.model, self.blocks, args.max_num_batched_tokens)
+        max_graph = min(args.cuda_graph_max_tokens, args.max_num_batched_tokens)
+        if self.runner.device.type == "cuda" and not args.enforce_eager and max_graph > 0:
+            self.runner.use_graphs(graph_sizes(max_graph), self.max_model_len, capture=True)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.runner.release_slots)
         self.requests: dict[str, Request] = {}
@@ -114,6 +119,9 @@ class LLMEngine:
         if worst > self.blocks.num_pages:
             raise ValueError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens may need {worst} "
                              f"KV pages, more than the whole cache ({self.blocks.num_pages})")
+        if params.min_tokens and len(self._banned_ids(params)) >= self.model_config.vocab_size:
+            raise ValueError(f"min_tokens={params.min_tokens} would ban every token: EOS and stop_token_ids "
+                             f"cover the whole vocabulary ({self.model_config.vocab_size} tokens)")
         if params.max_tokens is None:
             params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
         req = Request(request_id, text, ids, params)
@@ -143,9 +151,18 @@ class LLMEngine:
         return text, ids
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator:
-        seed = params.seed * 1_000_003 + index if params.seed is not None else \
-            int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        """Completion `index`'s generator: from the request's seed (any integer, reduced mod 2**64)
+        or, unseeded, from the engine's own generator."""
+        if params.seed is not None:
+            seed = (params.seed * 1_000_003 + index) % 2**64
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
         return torch.Generator().manual_seed(seed)
+
+    def _banned_ids(self, params: SamplingParams) -> list[int]:
+        """Tokens that may not be sampled before min_tokens: EOS (unless ignore_eos) and stop ids."""
+        ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        return sorted(t for t in ids if t < self.model_config.vocab_size)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free everything it holds at once (no-op if unknown/finished)."""
@@ -157,6 +174,7 @@ class LLMEngine:
                 self.scheduler.remove(seq)
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = "abort"
+        self._record(self._stats())      # no tick may follow: publish the freed pages now
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -170,9 +188,12 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     # ---- the tick ---------------------------------------------------------------------------
+    def _stats(self) -> TickStats:
+        nr = self.model_config.mor.num_recursions
+        return TickStats(depth_occupancy=[0] * nr, exits_per_depth=[0] * nr)
+
     def step(self) -> list[RequestOutput]:
-        stats = TickStats(depth_occupancy=[0] * self.model_config.mor.num_recursions,
-                          exits_per_depth=[0] * self.model_config.mor.num_recursions)
+        stats = self._stats()
         sched, runner = self.scheduler, self.runner
         in_flight = self._in_flight()
         reserved = sum(runner.block_pages_needed([c for c in in_flight if c.in_block]).values())
@@ -202,25 +223,48 @@ class LLMEngine:
         return [s.chunk for s in self.scheduler.running if s.chunk is not None]
 
     def _finish_chunks(self, chunks: list[Chunk], stats: TickStats) -> set[Request]:
+        """Epilogue and LM head over the finished chunks, then prompt logprobs and sampling, each
+        batched over every row of the tick."""
         rows = [self._logit_rows(c) for c in chunks]
         logits = self.runner.epilogue(chunks, rows)
         stats.num_epilogue_tokens = sum(c.n for c in chunks)
-        touched: set[Request] = set()
-        for chunk, want, out in zip(chunks, rows, logits):
-            seq = chunk.seq
+        prompt_rows, prompt_targets, prompt_nums, prompt_reqs = [], [], [], []
+        sample_rows, sampling, sample_seqs = [], [], []
+        offset = 0
+        for chunk, want in zip(chunks, rows):
+            seq, req = chunk.seq, chunk.seq.request
             seq.chunk = None
             seq.num_computed = chunk.end
-            out = out.cpu()
-            req = seq.request
-            if req.prompt_logprobs is not None and seq.index == 0:
-                self._record_prompt_logprobs(chunk, want, out)
-            if chunk.end == len(seq.token_ids):
-                self._sample(seq, out[-1], int(chunk.taken[-1]))
-                stats.num_generated_tokens += 1
-                touched.add(req)
+            samples = chunk.end == len(seq.token_ids)
+            for i, row in enumerate(want[: len(want) - samples]):
+                prompt_rows.append(offset + i)
+                prompt_targets.append(req.prompt_token_ids[chunk.start + row + 1])
+                prompt_nums.append(req.params.prompt_logprobs)
+                prompt_reqs.append(req)
+            if samples:
+                sample_rows.append(offset + len(want) - 1)
+                sampling.append(self._sampling_row(seq))
+                sample_seqs.append((seq, int(chunk.taken[-1])))
+            offset += len(want)
+        if prompt_rows:
+            entries = prompt_logprobs(self._rows(logits, prompt_rows), prompt_targets, prompt_nums)
+            for req, entry in zip(prompt_reqs, entries):
+                req.prompt_logprobs.append(entry)
+        touched: set[Request] = set()
+        if sample_rows:
+            for (seq, depth), result in zip(sample_seqs, sample(self._rows(logits, sample_rows), sampling)):
+                self._append_token(seq, result, depth)
+                touched.add(seq.request)
+            stats.num_generated_tokens = len(sample_rows)
         return touched
 
+    @staticmethod
+    def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return logits.index_select(0, torch.tensor(rows, device=logits.device))
+
     def _logit_rows(self, chunk: Chunk) -> list[int]:
+        """Rows of the chunk that need logits: prompt positions whose logprobs are still to be
+        recorded (first completion only), then the last row if the chunk ends the sequence."""
         seq, req = chunk.seq, chunk.seq.request
         rows = []
         if req.prompt_logprobs is not None and seq.index == 0:
@@ -231,29 +275,24 @@ class LLMEngine:
             rows.append(chunk.n - 1)
         return rows
 
-    def _record_prompt_logprobs(self, chunk: Chunk, want: list[int], out: torch.Tensor) -> None:
-        req = chunk.seq.request
-        num = req.params.prompt_logprobs
-        for row, logits in zip(want, out):
-            pos = chunk.start + row + 1              # the prompt token this row predicts
-            if pos < req.prompt_len and pos == len(req.prompt_logprobs):
-                lp = torch.log_softmax(logits, dim=-1)
-                req.prompt_logprobs.append(top_logprobs(lp, req.prompt_token_ids[pos], num))
-
-    def _sample(self, seq: Sequence, logits: torch.Tensor, depth: int) -> None:
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.request.params
-        out_ids = seq.output_ids
-        banned = []
-        if len(out_ids) < params.min_tokens:
-            banned = sorted((set() if params.ignore_eos else self.eos_ids) | set(params.stop_token_ids))
-        token, entry, logprob = sample_token(logits, params, seq.request.prompt_token_ids, out_ids,
-                                             banned, seq.generator)
-        seq.token_ids.append(token)
-        seq.depths.append(depth)
-        seq.cumulative_logprob += logprob
-        if entry is not None:
-            seq.logprobs.append(entry)
-        self._check_stop(seq, token)
+        banned = self._banned_ids(params) if len(seq.output_ids) < params.min_tokens else []
+        return SamplingRow(params, seq.request.prompt_token_ids, seq.output_ids, banned, seq.generator)
+
+    def _append_token(self, seq: Sequence, result: Sampled | None, depth: int) -> None:
+        if result is None:      # nothing left to sample (non-finite logits): fail this sequence only
+            logger.error("request %s: no finite logit to sample from; aborting its sequence %d",
+                         seq.request.request_id, seq.index)
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = "abort"
+        else:
+            seq.token_ids.append(result.token)
+            seq.depths.append(depth)
+            seq.cumulative_logprob += result.logprob
+            if result.top is not None:
+                seq.logprobs.append(result.top)
+            self._check_stop(seq, result.token)
         if seq.finished:
             self.scheduler.remove(seq)
             if seq.request.finished:
@@ -315,4 +354,4 @@ class LLMEngine:
     def check_no_leak(self) -> bool:
         """True when nothing is in flight and every KV page and pool row is free."""
         return (self.blocks.all_free() and not self.scheduler.running and not self.scheduler.waiting
-                and len(self.runner.free_slots) == self.runner.hidden.shape[0])
+                and self.runner.num_free_slots == self.runner.pool_size)

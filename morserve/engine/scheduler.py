@@ -50,7 +50,7 @@ class Scheduler:
                 if need <= free:
                     break
                 victim = self.running[-1]
-                free += self._pages_held(victim)
+                free += self.blocks.pages_held(victim.seq_id)
                 self.preempt(victim)
                 if victim is seq:
                     chunk = None
@@ -79,14 +79,10 @@ class Scheduler:
     def _next_chunk(self, seq: Sequence, budget: int) -> tuple[Chunk, int]:
         start = seq.num_computed
         n = min(len(seq.token_ids) - start, budget)
-        chunk = Chunk(seq=seq, start=start, token_ids=seq.token_ids[start:start + n], slots=None)
+        chunk = Chunk(seq=seq, start=start, token_ids=seq.token_ids[start:start + n])
         need = (self.blocks.pages_needed(seq.seq_id, 0, n)
                 + self.blocks.pages_needed(seq.seq_id, 1, n))
         return chunk, need
-
-    def _pages_held(self, seq: Sequence) -> int:
-        return sum(len(b) * layers for stage, layers in enumerate(self.blocks.layers_per_stage)
-                   for b in [self.blocks.block_table(seq.seq_id, stage)])
 
     def ensure_pages(self, chunks: list[Chunk], need_of: Callable[[list[Chunk]], dict[int, int]]) -> list[Chunk]:
         """Preempt the newest sequences until the block step of `chunks` fits; returns the
@@ -100,13 +96,17 @@ class Scheduler:
             chunks = [c for c in chunks if c.seq is not victim]
         return chunks
 
-    def preempt(self, seq: Sequence) -> None:
-        """Drop everything the sequence holds; it will be recomputed from its tokens."""
+    def _release(self, seq: Sequence) -> None:
+        """Free the sequence's KV pages and the pool rows of its in-flight chunk."""
         self.blocks.free_sequence(seq.seq_id)
         if seq.chunk is not None:
             if seq.chunk.slots is not None:
                 self.release_slots(seq.chunk.slots)
             seq.chunk = None
+
+    def preempt(self, seq: Sequence) -> None:
+        """Drop everything the sequence holds; it will be recomputed from its tokens."""
+        self._release(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.running.remove(seq)
@@ -116,11 +116,7 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out, freeing its pages and pool rows."""
-        self.blocks.free_sequence(seq.seq_id)
-        if seq.chunk is not None:
-            if seq.chunk.slots is not None:
-                self.release_slots(seq.chunk.slots)
-            seq.chunk = None
+        self._release(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

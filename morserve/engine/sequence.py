@@ -8,6 +8,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from morserve.engine.outputs import TokenLogprobs
@@ -73,17 +74,17 @@ class Request:
 @dataclass(eq=False)
 class Chunk:
     """Tokens [start, start + n) of a sequence, in flight. `slots` are their rows in the hidden
-    pool; `active` marks those that take recursion `depth` next; `taken` counts recursions done."""
+    pool; `active` marks those that take recursion `depth` next; `taken` counts recursions done.
+    Per-token state is host-side numpy: the runner builds each step's metadata from it."""
 
     seq: Sequence
     start: int
     token_ids: list[int]
-    slots: torch.Tensor                # [n] int64 rows of the hidden-state pool
+    slots: np.ndarray | None = None            # [n] int64 rows of the hidden-state pool
     depth: int = 1
-    active: torch.Tensor | None = None  # [n] bool
-    taken: torch.Tensor | None = None   # [n] int64
-    target_depth: torch.Tensor | None = None   # token choice: chosen depth per token
-    gate_weight: torch.Tensor | None = None    # token choice: gate of the final recursion
+    active: np.ndarray | None = None           # [n] bool
+    taken: np.ndarray | None = None            # [n] int64
+    target_depth: np.ndarray | None = None     # token choice: chosen depth per token
 
     @property
     def n(self) -> int:

@@ -58,6 +58,11 @@ class MoRModel(nn.Module):
         """Raw score of expert router for `recursion` (1-based) on h [..., d] -> [...]."""
         return self.routers[recursion - 1](h / self.config.mor.temp).squeeze(-1)
 
+    def expert_router_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Raw scores of every expert router on h [..., d] -> [..., Nr] (column r-1 = router r)."""
+        scaled = h / self.config.mor.temp
+        return torch.cat([router(scaled) for router in self.routers], dim=-1)
+
     def token_router_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Token-choice router scores h [..., d] -> [..., Nr]."""
         return self.router(h / self.config.mor.temp)

@@ -50,11 +50,19 @@ def expert_gate(raw: torch.Tensor, cfg: MoRConfig) -> torch.Tensor:
     return cfg.alpha * router_activation(raw, cfg.router_func)
 
 
-def expert_takes(raw: torch.Tensor, cfg: MoRConfig, recursion: int) -> torch.Tensor:
+def expert_takes(raw: torch.Tensor, cfg: MoRConfig, recursion: int | torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """Inference rule: the token takes `recursion` (1-based) iff act(raw + router_bias[r-1]) >=
-    threshold (bool tensor). The optional bias calibrates the decision only, never the gate."""
+    threshold (bool tensor). The optional bias calibrates the decision only, never the gate.
+    `recursion` may be a per-token tensor; then `bias` must hold cfg.router_bias as a float32
+    tensor on raw's device (made once by the caller, so CUDA-graph capture copies nothing)."""
     if cfg.router_bias is not None:
-        raw = raw.float() + cfg.router_bias[recursion - 1]
+        if isinstance(recursion, torch.Tensor):
+            if bias is None:
+                raise ValueError("expert_takes: a per-token recursion tensor needs the bias tensor")
+            raw = raw.float() + bias[recursion - 1]
+        else:
+            raw = raw.float() + cfg.router_bias[recursion - 1]
     return router_activation(raw, cfg.router_func) >= cfg.routing_threshold
 
 
