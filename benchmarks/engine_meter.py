@@ -159,8 +159,8 @@ def current_rss() -> int | None:
 
 
 def greedy_params(max_tokens: int) -> SamplingParams:
-    """Greedy with EOS ignored: every request produces exactly max_tokens tokens (greedy because
-    this engine samples on the host, one full-vocabulary draw per token, which would dominate)."""
+    """Greedy with EOS ignored: every request produces exactly max_tokens tokens, the same ones in
+    every mode (the paper's setting), so the modes' runs do identical work."""
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 

@@ -67,6 +67,19 @@ def test_quick_run_writes_every_mode_and_column(tmp_path):
     assert elapsed < 60, f"--quick took {elapsed:.0f}s"
 
 
+def test_decode_tick_quick_reports_a_steady_decode_tick(tmp_path):
+    """The roofline benchmark on CPU: every sequence decodes during the timed ticks, and the ideal
+    bytes of a tick cover at least the weights the tick must read."""
+    from benchmarks import decode_tick
+    assert decode_tick.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "tick.json").read_text())
+    (row,) = report["rows"]
+    assert row["mode"] == "eager" and row["tick_ms"] > 0 and row["tokens_per_s"] > 0
+    assert 0 < row["block_tokens"] <= report["args"]["batch"]
+    assert row["tick_bytes"] > 0 and row["tick_roofline_ms"] > 0
+    assert "| eager |" in (tmp_path / "tick.md").read_text()
+
+
 def test_router_calibration_hits_capacities():
     spec = next(s for s in QUICK_SPECS if s.name == "mor-4")
     cfg = model_config(QUICK_SHAPE, spec)

@@ -3,10 +3,12 @@
 A tick's block pass has a token count T that changes every tick. `GraphedBlockPass` owns static
 metadata and block-table buffers, pads T up to the next captured size (padding rows are inert:
 scratch pool row, no K/V write, nothing visible, final depth), copies the tick's metadata in with
-one host-to-device copy per buffer, and replays the graph captured for that size. Graphs share one
-memory pool and are captured largest first after a warm-up run (which also compiles the Triton
-kernels). With `capture=False` the same padded buffers run eagerly: that is how the padding logic
-is tested on machines without a GPU.
+one host-to-device copy per buffer, and replays the graph captured for that size. A size is
+captured the first time a tick needs it (so an engine only pays for the sizes its load uses):
+the buffers are filled with padding rows, which makes the warm-up run (it also compiles the Triton
+kernels) and the capture inert for the hidden pool and the KV cache; all graphs share one memory
+pool. With `capture=False` the same padded buffers run eagerly: that is how the padding logic is
+tested on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def graph_sizes(max_tokens: int) -> list[int]:
 
 
 class GraphedBlockPass:
+    """Callable like BlockPass but on host arrays: pads, copies into static buffers, replays."""
+
     def __init__(self, block_pass: BlockPass, sizes: list[int], max_width: int, layers: int,
                  scratch_slot: int, capture: bool) -> None:
         if not sizes:
@@ -45,10 +49,10 @@ class GraphedBlockPass:
         with torch.inference_mode():
             self.meta = torch.from_numpy(np.repeat(self.pad[:, None], largest, axis=1)).to(device)
             self.tables = torch.zeros(largest, max_width, max(layers, 1), dtype=torch.int32, device=device)
+        self.capture = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        if capture:
-            self._capture()
+        self._pool = None
 
     @property
     def max_tokens(self) -> int:
@@ -57,22 +61,19 @@ class GraphedBlockPass:
     def fits(self, num_tokens: int, width: int) -> bool:
         return num_tokens <= self.max_tokens and width <= self.max_width
 
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
-        for size in reversed(self.sizes):
-            meta, tables = self.meta[:, :size], self.tables[:size]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.block_pass(meta, tables)            # warm-up: compiles, sizes workspaces
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.block_pass(meta, tables)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
+    def _capture(self, size: int) -> None:
+        meta, tables = self.meta[:, :size], self.tables[:size]
+        meta.copy_(torch.from_numpy(np.repeat(self.pad[:, None], size, axis=1)))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.block_pass(meta, tables)                 # warm-up: compiles, sizes workspaces
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self.outputs[size] = self.block_pass(meta, tables)
+        self._pool = graph.pool()
+        self.graphs[size] = graph
 
     @torch.inference_mode()
     def __call__(self, meta: np.ndarray, tables: np.ndarray) -> torch.Tensor:
@@ -80,13 +81,15 @@ class GraphedBlockPass:
         continue [T] bool on the device."""
         t = meta.shape[1]
         size = next(s for s in self.sizes if s >= t)
+        if self.capture and size not in self.graphs:
+            self._capture(size)
         padded = np.empty((NUM_FIELDS, size), dtype=np.int64)
         padded[:, :t] = meta
         padded[:, t:] = self.pad[:, None]
         self.meta[:, :size].copy_(torch.from_numpy(padded))
         g, m = tables.shape[:2]
         self.tables[:g, :m].copy_(torch.from_numpy(tables))
-        if self.graphs:
+        if self.capture:
             self.graphs[size].replay()
             return self.outputs[size][:t]
         return self.block_pass(self.meta[:, :size], self.tables[:size])[:t]
