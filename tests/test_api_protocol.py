@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from morserve.api import protocol as p
@@ -16,7 +17,7 @@ from morserve.api.errors import APIError, error_body
 from morserve.api.generation import ChoiceTracker
 from morserve.api.logprobs import FLOOR, chat_logprobs, completion_logprobs
 from morserve.api.metrics import ServerMetrics
-from morserve.api.server import build_parser, engine_args, main, server_settings
+from morserve.api.server import build_parser, create_app, engine_args, main, server_settings
 from morserve.api.state import ServerSettings, ServerState
 from morserve.api.streaming import DONE, _encode
 from morserve.engine import CompletionOutput, RequestOutput, SamplingParams, TickStats
@@ -71,6 +72,21 @@ def test_prompt_forms():
 ])
 def test_response_fields_match_vllm(model, fields):
     assert fields <= set(model.model_fields)
+
+
+def test_openapi_schema_resolves_and_both_generation_requests_share_sampling_fields():
+    app = create_app(ServerSettings(model="m", served_model_names=["m"]), lambda: pytest.fail("no engine needed"))
+    text = json.dumps(app.openapi())
+    schema = json.loads(text)
+    components = schema["components"]["schemas"]
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text))
+    assert refs and refs <= set(components), refs - set(components)
+    assert not any("422" in op["responses"] for ops in schema["paths"].values() for op in ops.values())
+    for name, own in (("CompletionRequest", "prompt"), ("ChatCompletionRequest", "messages")):
+        assert set(p.SamplingRequest.model_fields) <= set(components[name]["properties"])
+        assert components[name]["required"] == [own]
+    completion, chat = (components[n]["properties"] for n in ("CompletionRequest", "ChatCompletionRequest"))
+    assert completion["max_tokens"]["default"] == 16 and chat["max_tokens"].get("default") is None
 
 
 def test_depths_only_when_asked():
@@ -238,6 +254,29 @@ def test_cli_flags_spelled_like_vllm():
     settings = server_settings(ns)
     assert settings.served_model_names == ["a", "b"] and settings.max_num_queued_reqs is None
     assert settings.api_key == "k" and settings.enable_force_include_usage and settings.vllm_metric_names
+
+
+@pytest.mark.parametrize("flag,expected", [("536870912", 512 << 20), ("512M", 512 << 20), ("2G", 2 << 30),
+                                           ("1.5GiB", 3 << 29), ("64kb", 64 << 10)])
+def test_kv_cache_memory_bytes_reaches_engine_args_and_sizes_the_pool(flag, expected):
+    args = engine_args(build_parser().parse_args(["--kv-cache-memory-bytes", flag]))
+    assert args.kv_cache_memory == expected and args.num_kv_blocks is None
+    assert args.num_pages(page_bytes=1 << 10, worst_case_pages=1 << 40, device=torch.device("cpu")) == expected >> 10
+    assert engine_args(build_parser().parse_args([])).kv_cache_memory is None
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--kv-cache-memory-bytes", "lots"], "expected a byte count"),
+    (["--kv-cache-memory-bytes=-1G"], "expected a byte count"),
+    (["--kv-cache-memory-bytes", "2X"], "expected a byte count"),
+    (["--kv-cache-memory-bytes", "0"], "at least 1 byte"),
+    (["--kv-cache-memory-bytes", "1G", "--num-kv-blocks", "10"], "not allowed with argument"),
+])
+def test_bad_kv_cache_memory_bytes_is_an_argparse_error(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--kv-cache-memory-bytes" in err and needle in err
 
 
 def test_morserve_serve_dispatches_here(capsys):

@@ -9,6 +9,7 @@ tmp dir; one in-process server (module scope) serves most tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -294,20 +296,42 @@ def _metric(http, name: str, **labels) -> float:
     return total
 
 
-def test_client_disconnect_mid_stream_aborts_and_frees_blocks(srv, http):
-    aborted_before = _metric(http, "morserve:request_success_total", finished_reason="abort")
-    body = {"model": MODEL, "prompt": "a long one", "max_tokens": 200, "temperature": 0, "stream": True,
+@contextlib.contextmanager
+def long_stream_then_disconnect(srv: ThreadedServer) -> Iterator[None]:
+    """A long streaming completion, three chunks read; leaving the block drops the connection
+    mid-stream (which must abort the request)."""
+    body = {"model": MODEL, "prompt": "a long one", "max_tokens": 240, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as client:
         with client.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()      # referenced until the block ends: then the connection closes
             for _ in range(3):
                 assert next(line for line in lines if line).startswith("data: {")
-            assert not srv.engine.engine.blocks.all_free()
+            yield
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_blocks(srv, http):
+    aborted_before = _metric(http, "morserve:request_success_total", finished_reason="abort")
+    with long_stream_then_disconnect(srv):
+        assert not srv.engine.engine.blocks.all_free()
     wait_idle(srv, 5)
     assert _metric(http, "morserve:request_success_total", finished_reason="abort") == aborted_before + 1
-    http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})   # one more tick
-    assert _metric(http, "morserve:kv_cache_usage_perc") == 0.0
+
+
+def test_abort_on_an_idle_engine_resets_the_gauges_without_another_request(srv, http):
+    """The abort leaves nothing to run, so no tick follows it: the engine's own snapshot on abort
+    is what must bring the load gauges back to an empty engine."""
+    aborted_before = _metric(http, "morserve:request_success_total", finished_reason="abort")
+    with long_stream_then_disconnect(srv):
+        assert _metric(http, "morserve:num_requests_running") == 1
+        assert _metric(http, "morserve:kv_cache_usage_perc") > 0
+        assert _metric(http, "morserve:depth_occupancy") > 0
+    wait_idle(srv, 5)
+    assert _metric(http, "morserve:request_success_total", finished_reason="abort") == aborted_before + 1
+    gauges = ("morserve:num_requests_running", "morserve:num_requests_waiting", "morserve:kv_cache_usage_perc",
+              "morserve:depth_occupancy", "morserve:kv_blocks_used", "vllm:num_requests_running",
+              "vllm:kv_cache_usage_perc")
+    wait_for(lambda: not any(_metric(http, name) for name in gauges), 5, "gauges kept the aborted request's values")
 
 
 def test_client_timeout_on_non_streaming_request_aborts_it(srv):

@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 from types import FrameType
 
 import uvicorn
@@ -33,6 +35,22 @@ logger = logging.getLogger("morserve.api")
 
 DEFAULT_MODEL = EngineArgs.model
 EngineFactory = Callable[[], AsyncLLMEngine]
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_BYTE_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:iB|B)?|B)?", re.IGNORECASE)
+
+
+def byte_size(text: str) -> int:
+    """argparse type: a positive byte count, plain (536870912) or with a binary unit (512M, 2G,
+    1.5GiB, 64KB: K/M/G/T are powers of 1024); fractions of a byte are dropped."""
+    match = _BYTE_SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 536870912, 512M or 2G "
+                                         f"(K/M/G/T = powers of 1024), got {text!r}")
+    number, unit = match.groups()
+    value = int(Decimal(number) * _BYTE_UNITS[(unit or "").upper()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pages (overrides --gpu-memory-utilization)")
+    kv_size = p.add_mutually_exclusive_group()
+    kv_size.add_argument("--num-kv-blocks", type=int, default=None,
+                         help="KV pages (overrides --gpu-memory-utilization)")
+    kv_size.add_argument("--kv-cache-memory-bytes", type=byte_size, default=None, metavar="BYTES",
+                         help="KV-cache size in bytes, e.g. 536870912, 512M, 2G (K/M/G/T = powers of 1024; "
+                              "overrides --gpu-memory-utilization)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -67,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_args(ns: argparse.Namespace) -> EngineArgs:
+    """The engine's arguments from the parsed flags (ValueError naming a bad value)."""
     args = EngineArgs(model=ns.model, batching=ns.batching, max_num_seqs=ns.max_num_seqs,
                       max_num_batched_tokens=ns.max_num_batched_tokens, num_kv_blocks=ns.num_kv_blocks,
-                      gpu_memory_utilization=ns.gpu_memory_utilization, block_size=ns.block_size,
-                      device=ns.device, dtype=ns.dtype, seed=ns.seed, max_model_len=ns.max_model_len)
+                      kv_cache_memory=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
+                      block_size=ns.block_size, device=ns.device, dtype=ns.dtype, seed=ns.seed,
+                      max_model_len=ns.max_model_len)
     args.validate()
     return args
 

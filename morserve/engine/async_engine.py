@@ -63,6 +63,8 @@ class AsyncLLMEngine:
         return len(self._streams)
 
     def add_tick_listener(self, fn: Callable[[TickStats], None]) -> None:
+        """Call `fn` in the engine thread after every tick and after every abort (whose zero-work
+        stats carry the load left, so gauges fed from here never keep an aborted request's)."""
         self.engine.tick_listeners.append(fn)
 
     # ---- requests ------------------------------------------------------------------------------
