@@ -195,15 +195,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         stats = self._stats()
         sched, runner = self.scheduler, self.runner
-        in_flight = self._in_flight()
-        reserved = sum(runner.block_pages_needed([c for c in in_flight if c.in_block]).values())
+        reserved = sum(runner.block_pages_needed(self._in_block()).values())
         new = sched.schedule(reserved)
         if new:
             runner.prologue(new)
             stats.num_prologue_tokens = sum(c.n for c in new)
         while True:
-            active = sched.ensure_pages([c for c in self._in_flight() if c.in_block],
-                                        runner.block_pages_needed)
+            active = sched.ensure_pages(self._in_block(), runner.block_pages_needed)
             if not active:
                 break
             step = runner.block_step(active)
@@ -221,6 +219,9 @@ class LLMEngine:
 
     def _in_flight(self) -> list[Chunk]:
         return [s.chunk for s in self.scheduler.running if s.chunk is not None]
+
+    def _in_block(self) -> list[Chunk]:
+        return [s.chunk for s in self.scheduler.running if s.chunk is not None and s.chunk.num_active]
 
     def _finish_chunks(self, chunks: list[Chunk], stats: TickStats) -> set[Request]:
         """Epilogue and LM head over the finished chunks, then prompt logprobs and sampling, each

@@ -72,15 +72,18 @@ class ModelRunner:
     def num_free_slots(self) -> int:
         return len(self.free_slots)
 
-    def alloc_slots(self, n: int) -> np.ndarray:
+    def alloc_slots(self, n: int) -> list[int]:
         if n > len(self.free_slots):
             raise RuntimeError(f"hidden-state pool exhausted: need {n}, {len(self.free_slots)} free")
         taken = self.free_slots[-n:]
         del self.free_slots[-n:]
-        return np.asarray(taken[::-1], dtype=np.int64)
+        return taken[::-1]
 
-    def release_slots(self, slots: np.ndarray) -> None:
-        self.free_slots.extend(slots.tolist())
+    def release_slots(self, slots: list[int]) -> None:
+        self.free_slots.extend(slots)
+
+    def _slots_tensor(self, chunks: list[Chunk]) -> torch.Tensor:
+        return torch.tensor([s for c in chunks for s in c.slots], dtype=torch.long).to(self.device)
 
     # ---- stage 0 (prologue / epilogue) -----------------------------------------------------
     def _stage0(self, chunks: list[Chunk]):
@@ -111,15 +114,16 @@ class ModelRunner:
         for chunk in chunks:
             chunk.slots = self.alloc_slots(chunk.n)
             chunk.depth = 1
-            chunk.active = np.ones(chunk.n, dtype=bool)
-            chunk.taken = np.zeros(chunk.n, dtype=np.int64)
-        slots = torch.from_numpy(np.concatenate([c.slots for c in chunks])).to(self.device)
+            chunk.active = [True] * chunk.n
+            chunk.num_active = chunk.n
+            chunk.taken = [0] * chunk.n
+        slots = self._slots_tensor(chunks)
         kernels.scatter_rows(self.hidden, slots, h)
         if self.mor.router == "token":
             depth, weight = token_choice(model.token_router_logits(h), self.mor)
             kernels.scatter_rows(self.entry, slots, h)
             self.gate.index_copy_(0, slots, weight[:, None].float())
-            depth = depth.cpu().numpy()
+            depth = depth.tolist()
             offset = 0
             for chunk in chunks:
                 chunk.target_depth = depth[offset: offset + chunk.n]
@@ -139,40 +143,41 @@ class ModelRunner:
             return 1 if depth == 1 else None
         return depth
 
-    def _block_inputs(self, chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """Host metadata [NUM_FIELDS, T] and tables [G, M, L] of a block step over `chunks`
-        (reserving the K/V entries the step writes), plus each chunk's active token indices."""
+    def _block_inputs(self, chunks: list[Chunk]) -> tuple[np.ndarray, list[np.ndarray], list]:
+        """Host metadata [NUM_FIELDS, T] and block tables of a block step over `chunks` (reserving
+        the K/V entries the step writes), plus each chunk's active token indices. Plain Python
+        lists per token: a decode chunk costs a few list appends, not numpy calls."""
         share_first = self.mor.kv_mode == "share_first"
-        active = [np.flatnonzero(c.active) for c in chunks]
-        sizes = [len(a) for a in active]
-        meta = np.empty((NUM_FIELDS, sum(sizes)), dtype=np.int64)
-        meta[SLOT] = np.concatenate([c.slots[a] for c, a in zip(chunks, active)])
-        positions = np.concatenate([c.start + a for c, a in zip(chunks, active)])
-        meta[POSITION] = positions
-        meta[GROUP] = np.repeat(np.arange(len(chunks)), sizes)
-        meta[DEPTH] = np.repeat([c.depth for c in chunks], sizes)
-        meta[TARGET] = (np.concatenate([c.target_depth[a] for c, a in zip(chunks, active)])
-                        if self.mor.router == "token" else 0)
-        tables, offset = [], 0
-        for c, m in zip(chunks, sizes):
+        fields: list[list[int]] = [[] for _ in range(NUM_FIELDS)]
+        slots, positions, groups, entries, kv_lens, depths, targets = (fields[f] for f in (
+            SLOT, POSITION, GROUP, ENTRY, KV_LEN, DEPTH, TARGET))
+        tables, selections = [], []
+        for g, c in enumerate(chunks):
+            idx = range(c.n) if c.num_active == c.n else [i for i, a in enumerate(c.active) if a]
+            m = len(idx)
+            pos = [c.start + i for i in idx]
+            slots += [c.slots[i] for i in idx]
+            positions += pos
+            groups += [g] * m
+            depths += [c.depth] * m
+            targets += [c.target_depth[i] for i in idx] if self.mor.router == "token" else [0] * m
             stage = self._write_stage(c.depth)
-            span = slice(offset, offset + m)
             if stage is not None:            # compact entries, in position order
                 first = self.blocks.append(c.seq.seq_id, stage, m)
-                meta[ENTRY, span] = np.arange(first, first + m)
-                meta[KV_LEN, span] = meta[ENTRY, span] + 1
+                entries += range(first, first + m)
+                kv_lens += range(first + 1, first + m + 1)
             else:                            # share-first, deeper recursion: read depth 1's entries
-                meta[ENTRY, span] = -1
-                meta[KV_LEN, span] = positions[span] + 1
+                entries += [-1] * m
+                kv_lens += [p + 1 for p in pos]
             tables.append(self.blocks.block_table(c.seq.seq_id, 1 if share_first else c.depth))
-            offset += m
-        return meta, tables, active
+            selections.append(idx)
+        return np.array(fields, dtype=np.int64), tables, selections
 
     @torch.inference_mode()
     def block_step(self, chunks: list[Chunk]) -> StepStats:
         """One pass of the shared block over the active tokens of `chunks` (any mix of depths)."""
         nr = self.mor.num_recursions
-        meta, tables, active = self._block_inputs(chunks)
+        meta, tables, selections = self._block_inputs(chunks)
         width = max(len(t) for t in tables)
         layers = self.blocks.layers_per_stage[1]
         if self.graphed is not None and self.graphed.fits(meta.shape[1], width):
@@ -180,16 +185,19 @@ class ModelRunner:
         else:
             cont = self.block_pass(torch.from_numpy(meta).to(self.device),
                                    torch.from_numpy(build_tables(tables, layers)).to(self.device))
-        cont = cont.cpu().numpy()
+        cont = cont.tolist()
         occupancy, exits = [0] * nr, [0] * nr
         offset = 0
-        for c, idx in zip(chunks, active):
+        for c, idx in zip(chunks, selections):
             m = len(idx)
-            c_cont = cont[offset: offset + m]
-            c.taken[idx] += 1
-            c.active[idx] = c_cont
+            kept = 0
+            for i, keep in zip(idx, cont[offset: offset + m]):
+                c.taken[i] += 1
+                c.active[i] = keep
+                kept += keep
+            c.num_active = kept
             occupancy[c.depth - 1] += m
-            exits[c.depth - 1] += m - int(c_cont.sum())
+            exits[c.depth - 1] += m - kept
             c.depth += 1
             offset += m
         return StepStats(occupancy, exits)
@@ -200,8 +208,7 @@ class ModelRunner:
         chunk (row indices within each chunk) in one matmul; returns the logits [sum of rows, V]
         on the device, chunk by chunk, and releases the chunks' pool rows."""
         model = self.model
-        all_slots = np.concatenate([c.slots for c in chunks])
-        h = kernels.gather_rows(self.hidden, torch.from_numpy(all_slots).to(self.device))
+        h = kernels.gather_rows(self.hidden, self._slots_tensor(chunks))
         h = self._stage0_layers(model.epilogue, len(model.prologue), h, chunks)
         starts = np.cumsum([0] + [c.n for c in chunks[:-1]])
         want = np.concatenate([np.asarray(rows, dtype=np.int64) + s for rows, s in zip(logit_rows, starts)])

@@ -8,7 +8,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from morserve.engine.outputs import TokenLogprobs
@@ -75,20 +74,21 @@ class Request:
 class Chunk:
     """Tokens [start, start + n) of a sequence, in flight. `slots` are their rows in the hidden
     pool; `active` marks those that take recursion `depth` next; `taken` counts recursions done.
-    Per-token state is host-side numpy: the runner builds each step's metadata from it."""
+    Per-token state is host-side Python lists: the runner builds each step's metadata from it."""
 
     seq: Sequence
     start: int
     token_ids: list[int]
-    slots: np.ndarray | None = None            # [n] int64 rows of the hidden-state pool
+    slots: list[int] | None = None             # [n] rows of the hidden-state pool
     depth: int = 1
-    active: np.ndarray | None = None           # [n] bool
-    taken: np.ndarray | None = None            # [n] int64
-    target_depth: np.ndarray | None = None     # token choice: chosen depth per token
+    active: list[bool] | None = None           # per token
+    num_active: int = 0                        # sum(active), kept by the runner
+    taken: list[int] | None = None             # per token
+    target_depth: list[int] | None = None      # token choice: chosen depth per token
+    n: int = field(init=False)
 
-    @property
-    def n(self) -> int:
-        return len(self.token_ids)
+    def __post_init__(self) -> None:
+        self.n = len(self.token_ids)
 
     @property
     def end(self) -> int:
@@ -96,8 +96,4 @@ class Chunk:
 
     @property
     def in_block(self) -> bool:
-        return bool(self.active.any())
-
-    @property
-    def num_active(self) -> int:
-        return int(self.active.sum())
+        return self.num_active > 0
