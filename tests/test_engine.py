@@ -356,3 +356,54 @@ def test_abort_publishes_fresh_stats_without_a_tick():
     assert seen[-1].num_running == 1 and seen[-1].kv_usage > 0
     engine.abort_request("a")
     assert seen[-1].num_running == 0 and seen[-1].kv_usage == 0 and seen[-1].num_block_tokens == 0
+
+
+@pytest.mark.parametrize("batching", ["depthwise", "vanilla"])
+@pytest.mark.parametrize("router, kv_mode, nr", [("expert", "recursion", 3), ("token", "share_first", 3),
+                                                 ("expert", "share_first", 4), (None, "recursion", 1)])
+def test_multi_step_decode_loop_matches_reference(batching, router, kv_mode, nr):
+    """num_scheduler_steps > 1: greedy decoding runs several ticks per step() with the state on the
+    device; tokens and depths must still be the reference's, stop tokens must cut the burst, and
+    the loop must hand the state back so that later ordinary ticks continue correctly."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    model = tiny_model(router, kv_mode, nr, seed=seed)
+    engine = make_engine(model, batching=batching, num_scheduler_steps=5)
+    arrivals = random_workload(rng, model.config.vocab_size, n=8, spread=12)
+    results = run_to_completion(engine, {k: list(v) for k, v in arrivals.items()})
+    assert_matches_reference(model, arrivals, results)
+    assert engine.check_no_leak()
+    looped = make_engine(model, batching=batching, num_scheduler_steps=5)
+    calls = 0
+    for rid, prompt, params in [r for reqs in arrivals.values() for r in reqs]:
+        looped.add_request(rid, prompt, SamplingParams(max_tokens=14, **GREEDY))
+    published = []
+    looped.tick_listeners.append(published.append)
+    while looped.has_unfinished_requests():
+        looped.step()
+        calls += 1
+    assert len(published) > calls, "the decode loop never ran several ticks in one step()"
+    assert looped.check_no_leak()
+
+
+def test_multi_step_decode_loop_honours_stops_and_falls_back():
+    model = tiny_model("expert", "recursion", 3, seed=21)
+    plain = run_to_completion(make_engine(model), {0: [("a", [5, 6, 7], SamplingParams(max_tokens=12, **GREEDY))]})
+    toks = plain["a"].outputs[0].token_ids
+    engine = make_engine(model, num_scheduler_steps=8)
+    stop = toks[5]
+    reqs = [("stop", [5, 6, 7], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop])),
+            ("len", [5, 6, 7], SamplingParams(max_tokens=3, **GREEDY)),
+            ("lp", [5, 6, 7], SamplingParams(max_tokens=12, logprobs=0, **GREEDY))]
+    res = run_to_completion(engine, {0: reqs})
+    assert res["stop"].outputs[0].token_ids == toks[: toks.index(stop) + 1]
+    assert res["stop"].outputs[0].finish_reason == "stop"
+    assert res["len"].outputs[0].token_ids == toks[:3]
+    lp = res["lp"].outputs[0]
+    assert lp.token_ids == toks and [list(e) for e in lp.logprobs] == [[t] for t in toks]
+    assert abs(lp.cumulative_logprob - plain["a"].outputs[0].cumulative_logprob) < 1e-4
+    # sampling requests never enter the loop, and mixing them in keeps everything exact
+    mixed = run_to_completion(engine, {0: [("g", [5, 6, 7], SamplingParams(max_tokens=12, **GREEDY)),
+                                           ("s", [1, 2], SamplingParams(max_tokens=12, temperature=1.0, seed=3))]})
+    assert mixed["g"].outputs[0].token_ids == toks
+    assert engine.check_no_leak()

@@ -18,7 +18,10 @@ class EngineArgs:
     `kv_cache_memory` bytes, or by default `gpu_memory_utilization` of the GPU / 1 GiB on CPU,
     capped at what max_num_seqs sequences of max_model_len tokens could ever use.
     On CUDA, block passes of up to `cuda_graph_max_tokens` tokens replay CUDA graphs captured at
-    start-up for padded sizes; `enforce_eager` turns that off (vLLM spelling)."""
+    first use for padded sizes; `enforce_eager` turns that off (vLLM spelling).
+    `num_scheduler_steps` > 1 lets greedy decoding run that many ticks per step() with the batch
+    state on the device (see decode_loop.py): much less host work per token, tokens arrive in
+    bursts of that many."""
 
     model: Any = "morserve-mini-mor3"
     tokenizer: Any = None
@@ -35,6 +38,7 @@ class EngineArgs:
     max_model_len: int | None = None
     enforce_eager: bool = False
     cuda_graph_max_tokens: int = 512
+    num_scheduler_steps: int = 1
 
     def validate(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -49,6 +53,8 @@ class EngineArgs:
             raise ValueError(f"kv_cache_memory must be >= 1 byte, got {self.kv_cache_memory}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be a positive integer, got {self.num_scheduler_steps!r}")
         if not isinstance(self.cuda_graph_max_tokens, int) or self.cuda_graph_max_tokens < 0:
             raise ValueError(f"cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -102,6 +102,27 @@ class BlockManager:
         cache.length += new_entries
         return start
 
+    def reserve(self, seq_id: int, stage: int, new_entries: int) -> None:
+        """Allocate pages so that (seq, stage) can hold `new_entries` more entries, without
+        reserving the entries themselves (the device decode loop writes them, then reports the
+        lengths back through set_length)."""
+        needed = self.pages_needed(seq_id, stage, new_entries)
+        if needed > self.num_free_pages:
+            raise OutOfPages(f"need {needed} pages, {self.num_free_pages} free")
+        length = self.length(seq_id, stage)
+        self.append(seq_id, stage, new_entries)
+        self.tables[(seq_id, stage)].length = length
+
+    def set_length(self, seq_id: int, stage: int, length: int) -> None:
+        """Record entries written beyond the reserved length (within the pages already held)."""
+        cache = self.tables.get((seq_id, stage))
+        if cache is None:
+            cache = self.tables[(seq_id, stage)] = StageCache(self.layers_per_stage[stage])
+        capacity = cache.num_blocks * self.block_size
+        if length < 0 or (self.layers_per_stage[stage] and length > capacity):
+            raise ValueError(f"length {length} outside the {capacity} entries held by ({seq_id}, {stage})")
+        cache.length = length
+
     def length(self, seq_id: int, stage: int) -> int:
         cache = self.tables.get((seq_id, stage))
         return cache.length if cache else 0

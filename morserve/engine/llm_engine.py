@@ -29,6 +29,7 @@ from morserve.engine.args import EngineArgs
 from morserve.engine.kv_cache import BlockManager
 from morserve.engine.outputs import CompletionOutput, RequestOutput
 from morserve.engine.cuda_graphs import graph_sizes
+from morserve.engine.decode_loop import DecodeLoop, LoopOutput
 from morserve.engine.runner import ModelRunner
 from morserve.engine.sampler import Sampled, SamplingRow, prompt_logprobs, sample
 from morserve.engine.sampling_params import SamplingParams
@@ -76,8 +77,13 @@ class LLMEngine:
         self.blocks = BlockManager(num_pages, args.block_size, stages)
         self.runner = ModelRunner(self.model, self.blocks, args.max_num_batched_tokens)
         max_graph = min(args.cuda_graph_max_tokens, args.max_num_batched_tokens)
-        if self.runner.device.type == "cuda" and not args.enforce_eager and max_graph > 0:
+        cuda_graphs = self.runner.device.type == "cuda" and not args.enforce_eager
+        if cuda_graphs and max_graph > 0:
             self.runner.use_graphs(graph_sizes(max_graph), self.max_model_len, capture=True)
+        self.decode_loop = None
+        if args.num_scheduler_steps > 1:
+            self.decode_loop = DecodeLoop(self.runner, args.max_num_seqs, self.max_model_len,
+                                          args.num_scheduler_steps, args.batching == "vanilla", cuda_graphs)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.runner.release_slots)
         self.requests: dict[str, Request] = {}
@@ -193,6 +199,11 @@ class LLMEngine:
         return TickStats(depth_occupancy=[0] * nr, exits_per_depth=[0] * nr)
 
     def step(self) -> list[RequestOutput]:
+        """One tick, or, when the decode loop applies, several ticks run on the device."""
+        if self.decode_loop is not None:
+            steps = self._loop_steps()
+            if steps > 1 and self.decode_loop.reserve(self.scheduler.running, steps):
+                return self._loop_step(steps)
         stats = self._stats()
         sched, runner = self.scheduler, self.runner
         reserved = sum(runner.block_pages_needed(self._in_block()).values())
@@ -216,6 +227,75 @@ class LLMEngine:
         touched = self._finish_chunks(done, stats) if done else set()
         self._record(stats)
         return [self._output(req) for req in touched]
+
+    # ---- multi-step greedy decoding on the device -----------------------------------------------
+    def _loop_steps(self) -> int:
+        """Ticks the decode loop may run now: 0 unless every running sequence decodes greedily
+        (single-token chunks, no penalties, bans or top-N logprobs) and no waiting request could
+        be admitted; at most what every sequence's max_tokens and the context still allow."""
+        seqs, steps = self.scheduler.running, self.args.num_scheduler_steps
+        if not seqs or (self.scheduler.waiting and len(seqs) < self.args.max_num_seqs):
+            return 0
+        for seq in seqs:
+            p = seq.request.params
+            if (not p.greedy or p.logprobs not in (None, 0) or p.repetition_penalty != 1.0
+                    or p.presence_penalty or p.frequency_penalty or len(seq.output_ids) < p.min_tokens):
+                return 0
+            chunk = seq.chunk
+            pending = seq.num_computed == len(seq.token_ids) - 1 if chunk is None else chunk.n == chunk.num_active == 1
+            if not pending:
+                return 0
+            steps = min(steps, p.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
+        return steps
+
+    def _loop_step(self, steps: int) -> list[RequestOutput]:
+        seqs = list(self.scheduler.running)
+        loop = self.decode_loop
+        loop.load(seqs)
+        out = loop.run(steps, len(seqs))
+        for b, seq in enumerate(seqs):
+            for stage, length in enumerate(out.lengths[b].tolist()):
+                self.blocks.set_length(seq.seq_id, stage, length)
+        touched: set[Request] = set()
+        for k in range(steps):
+            generated = 0
+            for b, seq in enumerate(seqs):
+                token = int(out.tokens[k, b])
+                if token < 0 or seq.finished:
+                    continue
+                logprob = float(out.logprobs[k, b])
+                top = {token: logprob} if seq.request.params.logprobs == 0 else None
+                self._append_token(seq, Sampled(token, logprob, top), int(out.depths[k, b]))
+                touched.add(seq.request)
+                generated += 1
+            self._record(self._loop_tick_stats(out, k, generated))
+        for b, seq in enumerate(seqs):
+            if not seq.finished:
+                self._take_back(seq, out, b)
+        return [self._output(req) for req in touched]
+
+    def _loop_tick_stats(self, out: LoopOutput, k: int, generated: int) -> TickStats:
+        stats = self._stats()
+        stats.depth_occupancy, stats.exits_per_depth = out.occupancy[k].tolist(), out.exits[k].tolist()
+        stats.num_block_tokens = sum(stats.depth_occupancy)
+        stats.num_prologue_tokens = int(out.prologue_tokens[k])
+        stats.num_epilogue_tokens = sum(stats.exits_per_depth)
+        stats.num_generated_tokens = generated
+        stats.num_block_steps = self.model_config.mor.num_recursions if self.decode_loop.depth_sync else 1
+        return stats
+
+    def _take_back(self, seq: Sequence, out: LoopOutput, row: int) -> None:
+        """The loop's final state of a sequence as the engine's own: its token in flight (or none)."""
+        pos, depth = int(out.position[row]), int(out.depth[row])
+        slots = seq.chunk.slots
+        seq.num_computed = pos
+        if depth == 0:                       # next token sampled, not in the model yet
+            self.runner.release_slots(slots)
+            seq.chunk = None
+            return
+        target = [int(out.target[row])] if self.model_config.mor.router == "token" else None
+        seq.chunk = Chunk(seq=seq, start=pos, token_ids=[seq.token_ids[pos]], slots=slots, depth=depth,
+                          active=[True], num_active=1, taken=[depth - 1], target_depth=target)
 
     def _in_flight(self) -> list[Chunk]:
         return [s.chunk for s in self.scheduler.running if s.chunk is not None]

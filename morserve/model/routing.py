@@ -78,12 +78,16 @@ def expert_topk_select(raw: torch.Tensor, eligible: torch.Tensor, capacity: floa
     return chosen & eligible
 
 
-def token_choice(logits: torch.Tensor, cfg: MoRConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [..., Nr] -> (depth [...] in 1..Nr, gate weight [...] of the final recursion)."""
+def token_choice(logits: torch.Tensor, cfg: MoRConfig,
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [..., Nr] -> (depth [...] in 1..Nr, gate weight [...] of the final recursion).
+    `bias`: cfg.router_bias as a float32 tensor on the logits' device, when the caller has one
+    (CUDA-graph capture must not copy from the host)."""
     probs = F.softmax(logits.float(), dim=-1)
     scores = probs
     if cfg.router_bias is not None:
-        scores = probs + torch.tensor(cfg.router_bias, dtype=probs.dtype, device=probs.device)
+        scores = probs + (bias if bias is not None else
+                          torch.tensor(cfg.router_bias, dtype=probs.dtype, device=probs.device))
     choice = scores.argmax(dim=-1)
     weight = cfg.alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return choice + 1, weight

@@ -1,0 +1,232 @@
+"""Multi-step greedy decoding with the batch state on the device (vLLM's num_scheduler_steps).
+
+When every running sequence is decoding greedily (no prompt work in flight, nothing admissible
+waiting, no penalties, bans or top-N logprobs), the engine hands K ticks to this loop. The state of
+each sequence's token in flight (token id, position, recursion depth, pool slot, per-stage KV
+lengths, block tables) lives in device tensors with one row per sequence, and one tick is the
+engine's tick over all rows, with masks instead of Python bookkeeping:
+1. prologue for rows whose sampled token has not entered the model yet (depth 0);
+2. one shared-block pass over the rows in the block, at mixed depths (depth-synchronous batching:
+   Nr passes, so that every row leaves the block within the tick);
+3. epilogue, LM head and greedy argmax for the rows that left the block; their next token is
+   recorded in the tick's output row and enters the prologue in the next tick.
+Rows that take no part in a phase point at the pool's scratch row and write no K/V, so every tick
+has the same shapes: on CUDA the tick is captured once as a CUDA graph and replayed K times.
+Before the loop the host reserves pages for K more entries per stage; after it, the host reads the
+K ticks' tokens at once, applies stop conditions in order and takes the state back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import kernels
+from morserve.engine.block_pass import DEPTH, ENTRY, GROUP, KV_LEN, NUM_FIELDS, POSITION, SLOT, TARGET
+from morserve.engine.sequence import Chunk, Sequence
+from morserve.model.routing import token_choice
+
+
+@dataclass
+class LoopOutput:
+    """Host copies of what `steps` ticks produced; [steps, rows] arrays (token -1 = none)."""
+
+    tokens: np.ndarray
+    depths: np.ndarray           # recursions taken by the position that produced the token
+    logprobs: np.ndarray
+    occupancy: np.ndarray        # [steps, Nr] tokens per depth in the block pass(es)
+    exits: np.ndarray            # [steps, Nr]
+    prologue_tokens: np.ndarray  # [steps]
+    depth: np.ndarray            # final state per row: 0 = next token not yet in the model
+    position: np.ndarray
+    target: np.ndarray           # token choice: chosen depth of the token in flight
+    lengths: np.ndarray          # [rows, stages] KV entries per stage
+
+
+class DecodeLoop:
+    """Device state for up to `max_seqs` decoding sequences and the captured tick."""
+
+    def __init__(self, runner, max_seqs: int, max_model_len: int, max_steps: int, depth_sync: bool,
+                 capture: bool) -> None:
+        self.runner, self.model, self.blocks = runner, runner.model, runner.blocks
+        self.mor = runner.mor
+        self.depth_sync, self.capture, self.max_steps = depth_sync, capture, max_steps
+        self.rows_max = max_seqs
+        stages = len(self.blocks.layers_per_stage)
+        width = -(-max_model_len // self.blocks.block_size)
+        layers = max(max(self.blocks.layers_per_stage), 1)
+        dev, nr = runner.device, self.mor.num_recursions
+        with torch.inference_mode():
+            long = dict(dtype=torch.long, device=dev)
+            self.token, self.position = torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long)
+            self.depth, self.target = torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long)
+            self.slot = torch.full((max_seqs,), runner.pool_size, **long)
+            self.live = torch.zeros(max_seqs, dtype=torch.bool, device=dev)
+            self.lengths = torch.zeros(max_seqs, stages, **long)
+            self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
+            self.rows = torch.arange(max_seqs, **long)
+            self.rows32 = self.rows.to(torch.int32)
+            self.depths = torch.arange(1, nr + 1, **long)
+            self.step = torch.zeros(1, **long)
+            self.out_tokens = torch.zeros(max_steps, max_seqs, **long)
+            self.out_depths = torch.zeros(max_steps, max_seqs, **long)
+            self.out_logprobs = torch.zeros(max_steps, max_seqs, dtype=torch.float32, device=dev)
+            self.out_occupancy = torch.zeros(max_steps, nr, **long)
+            self.out_exits = torch.zeros(max_steps, nr, **long)
+            self.out_prologue = torch.zeros(max_steps, **long)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    # ---- host side ----------------------------------------------------------------------------
+    def reserve(self, seqs: list[Sequence], steps: int) -> bool:
+        """Pages for `steps` more entries at every stage of every sequence; False (nothing
+        reserved) when the free pages do not cover it."""
+        need = {}
+        for seq in seqs:
+            for stage in range(len(self.blocks.layers_per_stage)):
+                pages = self.blocks.pages_needed(seq.seq_id, stage, steps)
+                if pages:
+                    need[seq.seq_id, stage] = pages
+        if sum(need.values()) > self.blocks.num_free_pages:
+            return False
+        for seq_id, stage in need:
+            self.blocks.reserve(seq_id, stage, steps)
+        return True
+
+    def load(self, seqs: list[Sequence]) -> None:
+        """Copy the sequences' decode state into rows 0..len(seqs)-1. A sequence without a chunk
+        in flight gets one for its pending token (holding a pool slot, depth 0)."""
+        n, rows_max = len(seqs), self.rows_max
+        stage_layers = self.blocks.layers_per_stage
+        host = {name: np.zeros(rows_max, dtype=np.int64) for name in ("token", "position", "depth", "target")}
+        host["slot"] = np.full(rows_max, self.runner.pool_size, dtype=np.int64)
+        lengths = np.zeros(tuple(self.lengths.shape), dtype=np.int64)
+        tables = np.zeros(tuple(self.tables.shape), dtype=np.int32)
+        for b, seq in enumerate(seqs):
+            chunk = seq.chunk
+            if chunk is None:
+                pos = len(seq.token_ids) - 1
+                chunk = seq.chunk = Chunk(seq=seq, start=pos, token_ids=[seq.token_ids[pos]],
+                                          slots=self.runner.alloc_slots(1), depth=0)
+            host["token"][b], host["position"][b], host["slot"][b] = chunk.token_ids[0], chunk.start, chunk.slots[0]
+            host["depth"][b] = chunk.depth
+            if chunk.target_depth is not None:
+                host["target"][b] = chunk.target_depth[0]
+            for stage, layers in enumerate(stage_layers):
+                lengths[b, stage] = self.blocks.length(seq.seq_id, stage)
+                table = self.blocks.block_table(seq.seq_id, stage)
+                tables[b, stage, : len(table), :layers] = table
+        with torch.inference_mode():
+            for name, values in host.items():
+                getattr(self, name).copy_(torch.from_numpy(values))
+            self.live.copy_(torch.arange(rows_max) < n)
+            self.lengths.copy_(torch.from_numpy(lengths))
+            self.tables.copy_(torch.from_numpy(tables))
+
+    def run(self, steps: int, num_rows: int) -> LoopOutput:
+        """`steps` ticks (<= max_steps); then one copy of everything back to the host."""
+        with torch.inference_mode():
+            self.step.zero_()
+            if self.capture and self.graph is None:
+                self._capture()
+            for _ in range(steps):
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._tick()
+            take = lambda t: t[:steps].cpu().numpy()
+            return LoopOutput(tokens=take(self.out_tokens)[:, :num_rows], depths=take(self.out_depths)[:, :num_rows],
+                              logprobs=take(self.out_logprobs)[:, :num_rows], occupancy=take(self.out_occupancy),
+                              exits=take(self.out_exits), prologue_tokens=take(self.out_prologue),
+                              depth=self.depth[:num_rows].cpu().numpy(), position=self.position[:num_rows].cpu().numpy(),
+                              target=self.target[:num_rows].cpu().numpy(),
+                              lengths=self.lengths[:num_rows].cpu().numpy())
+
+    def _capture(self) -> None:
+        """Capture one tick. Warm-up and capture run with every row inert (live = False), so they
+        touch only the scratch row; the live mask is restored afterwards."""
+        live = self.live.clone()
+        self.live.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._tick()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._tick()
+        self.graph = graph
+        self.live.copy_(live)
+        self.step.zero_()
+
+    # ---- one tick on the device ---------------------------------------------------------------
+    def _stage0(self, layers, first: int, h: torch.Tensor, mask: torch.Tensor, cos, sin) -> torch.Tensor:
+        """Prologue / epilogue layers for the rows in `mask`; the others write and see nothing."""
+        entries = torch.where(mask, self.position, -1)
+        kv_lens = torch.where(mask, self.position + 1, 0).to(torch.int32)
+        stage0 = self.tables[:, 0]
+        for i, layer in enumerate(layers):
+            h = layer(h, cos, sin, self.runner.kv.attend_fn(stage0, self.rows32, entries, kv_lens, first + i))
+        return h
+
+    def _record(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        out.index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
+
+    def _tick(self) -> None:
+        runner, model, mor = self.runner, self.model, self.mor
+        nr, scratch = mor.num_recursions, runner.pool_size
+        cos, sin = model.rope(self.position, runner.dtype)
+
+        fresh = self.live & (self.depth == 0)
+        h = self._stage0(model.prologue, 0, model.embed_tokens(self.token), fresh, cos, sin)
+        fresh_slots = torch.where(fresh, self.slot, scratch)
+        kernels.scatter_rows(runner.hidden, fresh_slots, h)
+        if mor.router == "token":
+            chosen, weight = token_choice(model.token_router_logits(h), mor, runner.block_pass.bias)
+            self.target.copy_(torch.where(fresh, chosen, self.target))
+            kernels.scatter_rows(runner.entry, fresh_slots, h)
+            runner.gate.index_copy_(0, fresh_slots, weight[:, None].float())
+        self.lengths[:, 0].copy_(torch.where(fresh, self.position + 1, self.lengths[:, 0]))
+        self._record(self.out_prologue, fresh.sum())
+
+        depth = torch.where(fresh, 1, self.depth)
+        exit_depth = torch.zeros_like(depth)
+        occupancy = torch.zeros(nr, dtype=torch.long, device=depth.device)
+        exits = torch.zeros_like(occupancy)
+        share_first = mor.kv_mode == "share_first"
+        for _ in range(nr if self.depth_sync else 1):
+            active = self.live & (depth >= 1)
+            d = depth.clamp(1, nr)
+            writes = active & (d == 1) if share_first else active
+            stage = torch.ones_like(d) if share_first else d
+            entry = torch.where(writes, self.lengths.gather(1, stage[:, None]).squeeze(1), -1)
+            fields = [None] * NUM_FIELDS
+            fields[SLOT], fields[POSITION], fields[GROUP] = torch.where(active, self.slot, scratch), self.position, self.rows
+            fields[ENTRY] = entry
+            fields[KV_LEN] = torch.where(active, torch.where(writes, entry + 1, self.position + 1), 0)
+            fields[DEPTH], fields[TARGET] = torch.where(active, d, nr), self.target
+            cont = runner.block_pass(torch.stack(fields), self.tables[self.rows, stage])
+            self.lengths.scatter_add_(1, stage[:, None], writes.long()[:, None])
+            at_depth = (d[:, None] == self.depths[None, :]).long()          # [rows, Nr] one-hot
+            left = active & ~cont
+            occupancy += (at_depth * active[:, None]).sum(0)
+            exits += (at_depth * left[:, None]).sum(0)
+            exit_depth = torch.where(left, d, exit_depth)
+            depth = torch.where(active & cont, depth + 1, torch.where(left, -1, depth))
+        self._record(self.out_occupancy, occupancy)
+        self._record(self.out_exits, exits)
+
+        left = depth == -1
+        h = kernels.gather_rows(runner.hidden, torch.where(left, self.slot, scratch))
+        h = self._stage0(model.epilogue, len(model.prologue), h, left, cos, sin)
+        logits = model.logits(h).float()
+        token = logits.argmax(dim=-1)
+        self._record(self.out_tokens, torch.where(left, token, -1))
+        self._record(self.out_depths, exit_depth)
+        self._record(self.out_logprobs, torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1))
+        self.token.copy_(torch.where(left, token, self.token))
+        self.position.copy_(torch.where(left, self.position + 1, self.position))
+        self.depth.copy_(torch.where(left, 0, depth))
+        self.step += 1
+
