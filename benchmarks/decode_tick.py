@@ -6,7 +6,9 @@ pass over every token in flight at mixed depths, epilogue + LM head + sampling f
 left the block). Reported per tick:
 - wall time (host + device, each tick ends with the continue-mask / token copies to the host);
 - the block pass alone, on the last tick's inputs, replayed from its CUDA graph and run eagerly
-  (device time by CUDA events over repeated runs: no host work between them for the graph);
+  (repeated runs, no host work between graph replays);
+- with the multi-step decode loop (--loop-steps ticks per step, state on the device): wall time
+  per tick, and one whole decode tick replayed alone from its CUDA graph (`device tick`);
 - ideal bytes (every weight read once per phase run, every visible K/V entry once per layer; see
   benchmarks/engine_meter.py) and the roofline bound = ideal bytes / bandwidth (--bandwidth-gbs,
   2970 for the H100 SXM by default).
@@ -46,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence")
     p.add_argument("--ticks", type=int, default=40, help="decode ticks timed")
-    p.add_argument("--repeats", type=int, default=20, help="runs of the isolated block pass")
+    p.add_argument("--repeats", type=int, default=20, help="runs of the isolated block pass / loop tick")
+    p.add_argument("--loop-steps", type=int, default=8, help="ticks per step() of the decode loop")
     p.add_argument("--bandwidth-gbs", type=float, default=2970.0)
     p.add_argument("--init-gain", type=float, default=1.5)
     p.add_argument("--device", default=None)
@@ -55,12 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="directory for tick.md and tick.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.context, args.ticks, args.repeats = 16, 24, 6, 3
+        args.batch, args.context, args.ticks, args.repeats, args.loop_steps = 16, 24, 8, 2, 4
         args.device, args.dtype = "cpu", "float32"
     return args
 
 
-def build_engine(args: argparse.Namespace, eager: bool) -> LLMEngine:
+def build_engine(args: argparse.Namespace, eager: bool, steps: int) -> LLMEngine:
     shape, specs = (QUICK_SHAPE, QUICK_SPECS) if args.quick else (SMOLLM_360M_SHAPE, PAPER_SPECS)
     spec = next((s for s in specs if s.name == args.model), None)
     if spec is None:
@@ -72,9 +75,10 @@ def build_engine(args: argparse.Namespace, eager: bool) -> LLMEngine:
     if cfg.mor.router == "expert":
         gen = torch.Generator().manual_seed(args.seed + 1)
         calibrate_router_bias(model, torch.randint(0, cfg.vocab_size, (4, min(512, args.context)), generator=gen).to(device))
-    max_len = args.context + 4 * cfg.mor.num_recursions + args.ticks + 8
+    # room for the timed ticks and the isolated replays of the decode-loop tick
+    max_len = args.context + 4 * cfg.mor.num_recursions + args.ticks + args.repeats * steps + 16
     eargs = EngineArgs(model=model, max_num_seqs=args.batch, max_num_batched_tokens=max(2048, args.batch),
-                       max_model_len=max_len, seed=args.seed, enforce_eager=eager)
+                       max_model_len=max_len, seed=args.seed, enforce_eager=eager, num_scheduler_steps=steps)
     return LLMEngine(model, None, eargs)
 
 
@@ -106,26 +110,48 @@ def time_block_pass(engine: LLMEngine, tokens: int, repeats: int, graph: bool) -
     return (time.perf_counter() - start) / repeats
 
 
-def measure(args: argparse.Namespace, eager: bool) -> dict:
-    engine = build_engine(args, eager)
+def time_loop_tick(engine: LLMEngine, repeats: int) -> float:
+    """Seconds per decode-loop tick replayed alone (state keeps advancing; the engine is thrown
+    away afterwards): a whole decode tick as one device program, no host work in between."""
+    loop = engine.decode_loop
+    run = loop.graph.replay if loop.graph is not None else loop._tick
+    with torch.inference_mode():
+        synchronize(engine.runner.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            loop.step.zero_()
+            for _ in range(loop.max_steps):
+                run()
+        synchronize(engine.runner.device)
+    return (time.perf_counter() - start) / (repeats * loop.max_steps)
+
+
+def measure(args: argparse.Namespace, mode: str) -> dict:
+    """mode: `graphs` (per-tick path, block pass from CUDA graphs), `eager`, or `loop` (the
+    multi-step decode loop, --loop-steps ticks per step)."""
+    steps = args.loop_steps if mode == "loop" else 1
+    engine = build_engine(args, eager=mode == "eager", steps=steps)
     steady_decode(engine, args)
     meter = EngineMeter(engine)
+    ticks: list = []
+    engine.tick_listeners.append(ticks.append)
     block_tokens = []
     step = engine.runner.block_step
     engine.runner.block_step = lambda chunks: block_tokens.append(sum(c.num_active for c in chunks)) or step(chunks)
     synchronize(engine.runner.device)
     start = time.perf_counter()
-    for _ in range(args.ticks):
+    while len(ticks) < args.ticks:
         engine.step()
     synchronize(engine.runner.device)
-    wall = (time.perf_counter() - start) / args.ticks
+    wall = (time.perf_counter() - start) / len(ticks)
     runner, cfg = engine.runner, engine.model_config
-    row = dict(mode="eager" if eager else "cuda graphs", batch=args.batch, context=args.context,
-               tick_ms=1e3 * wall, tokens_per_s=meter.output_tokens / (wall * args.ticks),
-               block_tokens=sum(block_tokens) / len(block_tokens),
-               tick_bytes=meter.bytes_read / args.ticks)
-    row["tick_roofline_ms"] = 1e3 * row["tick_bytes"] / (args.bandwidth_gbs * 1e9)
-    if runner.graphed is not None:     # the block pass alone, on the last tick's inputs
+    row = dict(mode=mode, batch=args.batch, context=args.context, tick_ms=1e3 * wall,
+               tokens_per_s=sum(t.num_generated_tokens for t in ticks) / (wall * len(ticks)),
+               block_tokens=sum(t.num_block_tokens for t in ticks) / len(ticks),
+               tick_bytes=meter.bytes_read / len(ticks) if meter.bytes_read else None)
+    if mode == "loop":
+        row["device_tick_ms"] = 1e3 * time_loop_tick(engine, args.repeats)
+    elif runner.graphed is not None:     # the block pass alone, on the last tick's inputs
         t = block_tokens[-1]
         kv_entries = int(runner.graphed.meta[KV_LEN, :t].sum())
         layers = len(engine.model.block)
@@ -137,25 +163,35 @@ def measure(args: argparse.Namespace, eager: bool) -> dict:
     return row
 
 
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def markdown(rows: list[dict], args: argparse.Namespace, device: str) -> str:
+    """One row per mode. The roofline of a tick is that of the per-tick path's ideal bytes (the
+    loop does the same work per tick); `device tick` = the loop's tick replayed alone."""
+    ideal = next((r["tick_bytes"] for r in rows if r.get("tick_bytes")), None)
+    roofline = None if ideal is None else 1e3 * ideal / (args.bandwidth_gbs * 1e9)
     lines = [f"device: {device}; model {args.model}, B = {args.batch}, context {args.context}, "
-             f"{args.ticks} ticks, bandwidth {args.bandwidth_gbs:.0f} GB/s\n",
-             "| mode | tick ms | roofline ms | x roofline | out tok/s | block tokens | block pass ms (graph) "
-             "| block pass ms (eager) | block roofline ms | x roofline (graph) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{args.ticks} ticks, decode loop {args.loop_steps} ticks per step, bandwidth {args.bandwidth_gbs:.0f} GB/s; "
+             f"ideal bytes per tick {'n/a' if ideal is None else f'{ideal / 2**20:.1f} MiB'}, roofline {_ms(roofline)} ms\n",
+             "| mode | tick ms (wall) | x roofline | device tick ms | x roofline | out tok/s | block tokens/tick "
+             "| block pass ms (graph / eager) | block pass roofline ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ratio = lambda ms: "n/a" if ms is None or roofline is None else f"{ms / roofline:.2f}"
     for r in rows:
-        block = (f"{r['block_graph_ms']:.3f} | {r['block_eager_ms']:.3f} | {r['block_roofline_ms']:.3f} | "
-                 f"{r['block_graph_ms'] / r['block_roofline_ms']:.2f}") if "block_graph_ms" in r else "n/a | n/a | n/a | n/a"
-        lines.append(f"| {r['mode']} | {r['tick_ms']:.3f} | {r['tick_roofline_ms']:.3f} | "
-                     f"{r['tick_ms'] / r['tick_roofline_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['block_tokens']:.0f} | {block} |")
+        device_ms = r.get("device_tick_ms")
+        block = (f"{r['block_graph_ms']:.3f} / {r['block_eager_ms']:.3f} | {r['block_roofline_ms']:.3f}"
+                 if "block_graph_ms" in r else "n/a | n/a")
+        lines.append(f"| {r['mode']} | {r['tick_ms']:.3f} | {ratio(r['tick_ms'])} | {_ms(device_ms)} | "
+                     f"{ratio(device_ms)} | {r['tokens_per_s']:.0f} | {r['block_tokens']:.0f} | {block} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    rows = [measure(args, eager=False)] if cuda else []
-    rows.append(measure(args, eager=True))
+    rows = [measure(args, mode) for mode in (("graphs", "eager", "loop") if cuda else ("eager", "loop"))]
     device = torch.cuda.get_device_name() if cuda else "CPU"
     text = markdown(rows, args, device)
     print(text)

@@ -2,7 +2,8 @@
 work (prologue, shared-block step, epilogue) are wrapped on the instance to time them (CUDA events
 on a GPU, perf counters elsewhere) and to count the bytes an ideal implementation would read
 (weights once per call, each visible K/V entry once per layer); a tick listener samples KV memory
-(pages used x page bytes / tokens cached) and output tokens.
+(pages used x page bytes / tokens cached) and output tokens. Ticks run by the multi-step decode
+loop are one device program, so a run that used it reports no per-phase times or ideal bytes.
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ class RunResult:
     output_tokens: int
     finished_requests: int
     seconds: float
-    block_seconds: float
-    prologue_seconds: float
-    epilogue_seconds: float
-    bytes_read: float
+    block_seconds: float | None            # None when the decode loop ran (its ticks are one graph)
+    prologue_seconds: float | None
+    epilogue_seconds: float | None
+    bytes_read: float | None
     kv_bytes_per_token: dict[str, float]
     depth_fractions: list[float]
     preemptions: int
@@ -94,6 +95,14 @@ class EngineMeter:
         runner.block_step = self._counted("block", runner.block_step, self._block_entries)
         runner.epilogue = self._counted("epilogue", runner.epilogue, self._stage0_entries)
         engine.tick_listeners.append(self._on_tick)
+        self.loop_calls = 0
+        if engine.decode_loop is not None:
+            run = engine.decode_loop.run
+
+            def counted_run(*args, **kwargs):
+                self.loop_calls += 1
+                return run(*args, **kwargs)
+            engine.decode_loop.run = counted_run
 
     # ---- ideal bytes ----------------------------------------------------------------------
     def _counted(self, phase: str, fn: Callable, entries_of: Callable[[list[Chunk]], int]) -> Callable:
@@ -191,11 +200,12 @@ def run_workload(engine: LLMEngine, requests: list[tuple[list[int], int]], time_
     for rid in list(engine.requests):
         engine.abort_request(rid)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else current_rss()
+    looped = meter.loop_calls > 0     # per-phase times and ideal bytes cover the per-tick path only
     return RunResult(output_tokens=meter.output_tokens, finished_requests=finished, seconds=seconds,
-                     block_seconds=meter.timers["block"].seconds(),
-                     prologue_seconds=meter.timers["prologue"].seconds(),
-                     epilogue_seconds=meter.timers["epilogue"].seconds(),
-                     bytes_read=meter.bytes_read, kv_bytes_per_token=meter.kv_per_token(),
+                     block_seconds=None if looped else meter.timers["block"].seconds(),
+                     prologue_seconds=None if looped else meter.timers["prologue"].seconds(),
+                     epilogue_seconds=None if looped else meter.timers["epilogue"].seconds(),
+                     bytes_read=None if looped else meter.bytes_read, kv_bytes_per_token=meter.kv_per_token(),
                      depth_fractions=depth_fractions(engine.total_depth_token_ticks),
                      preemptions=engine.scheduler.num_preemptions, peak_memory=peak, partial=partial,
                      ticks=meter.ticks)

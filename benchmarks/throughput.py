@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--init-gain", type=float, default=1.5, help="random weights ~ N(0, (gain / sqrt(hidden))^2)")
     p.add_argument("--calib-tokens", type=int, default=8192, help="random tokens the routers are calibrated on")
     p.add_argument("--hf-requests", type=int, default=64, help="requests HF generate runs (it is slow)")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="engine ticks per step() for greedy decoding (the device decode loop); > 1 gives "
+                        "end-to-end figures only (no per-phase times or roofline)")
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the roofline "
                    "(default: measured with a device copy)")
     p.add_argument("--time-budget", type=float, default=None,
@@ -254,7 +257,7 @@ def engine_for(model: MoRModel, mode: str, batch: int, args: argparse.Namespace,
     eargs = EngineArgs(model=model, batching="vanilla" if mode == "depth-sync" else "depthwise",
                        max_num_seqs=batch, max_num_batched_tokens=max(args.max_num_batched_tokens, batch),
                        kv_cache_memory=kv_budget, block_size=args.block_size, seed=args.seed,
-                       max_model_len=max_len)
+                       max_model_len=max_len, num_scheduler_steps=args.num_scheduler_steps)
     return LLMEngine(model, None, eargs)
 
 
@@ -270,7 +273,7 @@ def engine_row(spec: ModelSpec, planned: Planned, result: RunResult, num_request
                output_tokens=result.output_tokens, seconds=result.seconds, block_seconds=result.block_seconds,
                prologue_seconds=result.prologue_seconds, epilogue_seconds=result.epilogue_seconds, ticks=result.ticks,
                peak_memory=result.peak_memory, kv_bytes_per_token=result.kv_bytes_per_token,
-               roofline=result.bytes_read / result.seconds / bandwidth if result.seconds else None,
+               roofline=result.bytes_read / result.seconds / bandwidth if result.seconds and result.bytes_read else None,
                depth_fractions=result.depth_fractions, preemptions=result.preemptions, partial=result.partial)
 
 
@@ -342,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 + f" (KV budget fits {memory_max_batch(configs[name], dtype, kv_budget, seq_tokens)})"
                 for name, b in sizes.items()),
             "KV budget (memory setting)": f"{kv_budget / 2**20:.1f} MiB",
+            "engine ticks per step (decode loop)": str(args.num_scheduler_steps),
             "bandwidth (roofline)": f"{bandwidth / 1e9:.0f} GB/s" + ("" if args.bandwidth_gbs else " (measured copy)"),
             "HF generate": (f"{target_base}, first {args.hf_requests} requests" if hf_available()
                             else "skipped: transformers is not importable here")}

@@ -123,6 +123,16 @@ class BlockManager:
             raise ValueError(f"length {length} outside the {capacity} entries held by ({seq_id}, {stage})")
         cache.length = length
 
+    def trim(self, seq_id: int, stage: int) -> None:
+        """Return the pages of blocks beyond what the entries of (seq, stage) occupy."""
+        cache = self.tables.get((seq_id, stage))
+        if cache is None:
+            return
+        keep = -(-cache.length // self.block_size)
+        if cache.num_blocks > keep:
+            self.free_pages.extend(cache.pages[keep: cache.num_blocks].ravel().tolist())
+            cache.num_blocks = keep
+
     def length(self, seq_id: int, stage: int) -> int:
         cache = self.tables.get((seq_id, stage))
         return cache.length if cache else 0

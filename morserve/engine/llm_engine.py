@@ -256,6 +256,7 @@ class LLMEngine:
         for b, seq in enumerate(seqs):
             for stage, length in enumerate(out.lengths[b].tolist()):
                 self.blocks.set_length(seq.seq_id, stage, length)
+                self.blocks.trim(seq.seq_id, stage)       # give back what the loop did not use
         touched: set[Request] = set()
         for k in range(steps):
             generated = 0
