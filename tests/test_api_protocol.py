@@ -247,10 +247,14 @@ def test_cli_flags_spelled_like_vllm():
         "--max-num-batched-tokens", "256", "--block-size", "8", "--gpu-memory-utilization", "0.5",
         "--num-kv-blocks", "100", "--dtype", "float32", "--device", "cpu", "--max-model-len", "128", "--seed", "3",
         "--api-key", "k", "--max-num-queued-reqs", "-1", "--shutdown-timeout", "5", "--enable-force-include-usage",
-        "--vllm-metric-names", "--log-level", "debug"])
+        "--vllm-metric-names", "--log-level", "debug", "--enforce-eager", "--cuda-graph-max-tokens", "64",
+        "--num-scheduler-steps", "4"])
     args = engine_args(ns)
     assert (args.batching, args.max_num_seqs, args.max_num_batched_tokens, args.block_size, args.num_kv_blocks,
             args.gpu_memory_utilization, args.max_model_len, args.seed) == ("vanilla", 8, 256, 8, 100, 0.5, 128, 3)
+    assert (args.enforce_eager, args.cuda_graph_max_tokens, args.num_scheduler_steps) == (True, 64, 4)
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        engine_args(build_parser().parse_args(["--num-scheduler-steps", "0"]))
     settings = server_settings(ns)
     assert settings.served_model_names == ["a", "b"] and settings.max_num_queued_reqs is None
     assert settings.api_key == "k" and settings.enable_force_include_usage and settings.vllm_metric_names

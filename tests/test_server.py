@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -632,3 +633,38 @@ def test_sigterm_drains_running_requests_then_exits(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# ---- the multi-step decode loop behind the server ------------------------------------------------
+@pytest.fixture(scope="module")
+def loop_srv(ckpt, threads_one):
+    settings = ServerSettings(model=str(ckpt), served_model_names=[MODEL], max_num_seqs=MAX_NUM_SEQS)
+    engine = {**ENGINE, "num_scheduler_steps": 4}
+    server = ThreadedServer(create_app(settings, lambda: AsyncLLMEngine.from_args(
+        EngineArgs(model=str(ckpt), **engine)))).start()
+    yield server
+    server.stop()
+
+
+def test_decode_loop_server_streams_the_same_text_as_the_offline_engine(loop_srv, ckpt):
+    """Greedy streams through an engine running 4 ticks per step arrive in bursts but carry exactly
+    the text of the one-tick offline engine; a stop string still never leaks."""
+    prompts = [f"Story {i}: once" for i in range(6)]
+    offline = LLM(model=str(ckpt), device="cpu").generate(prompts, SamplingParams(max_tokens=16, temperature=0,
+                                                                                  ignore_eos=True))
+    client = openai.OpenAI(base_url=loop_srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+    def stream(prompt: str) -> str:
+        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(stream, prompts))
+    assert texts == [o.outputs[0].text for o in offline]
+    stop = offline[0].outputs[0].text[5:7]
+    cut = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=16, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == offline[0].outputs[0].text.split(stop)[0]
+    wait_idle(loop_srv)
+    assert loop_srv.engine.engine.check_no_leak()

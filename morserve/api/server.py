@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never replay CUDA graphs (they are captured on first use, per padded batch size)")
+    p.add_argument("--cuda-graph-max-tokens", type=int, default=EngineArgs.cuda_graph_max_tokens,
+                   help="largest block-pass batch (tokens) replayed from a CUDA graph")
+    p.add_argument("--num-scheduler-steps", type=int, default=EngineArgs.num_scheduler_steps,
+                   help="engine ticks per step for greedy decoding, run on the device (> 1: higher "
+                        "throughput, tokens streamed in bursts of this many)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("MORSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $MORSERVE_API_KEY)")
@@ -95,7 +102,8 @@ def engine_args(ns: argparse.Namespace) -> EngineArgs:
                       max_num_batched_tokens=ns.max_num_batched_tokens, num_kv_blocks=ns.num_kv_blocks,
                       kv_cache_memory=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
                       block_size=ns.block_size, device=ns.device, dtype=ns.dtype, seed=ns.seed,
-                      max_model_len=ns.max_model_len)
+                      max_model_len=ns.max_model_len, enforce_eager=ns.enforce_eager,
+                      cuda_graph_max_tokens=ns.cuda_graph_max_tokens, num_scheduler_steps=ns.num_scheduler_steps)
     args.validate()
     return args
 
