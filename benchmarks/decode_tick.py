@@ -15,6 +15,8 @@ left the block). Reported per tick:
 
     python benchmarks/decode_tick.py --batch 256 --context 1024 --out runs/tick      # GPU
     python benchmarks/decode_tick.py --quick                                         # CPU, seconds
+    python benchmarks/decode_tick.py --shape tiny --device cpu --dtype float32 --batch 256 --context 64
+                                      # the engine's host cost per tick (the tiny model computes ~nothing)
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from morserve.engine.block_pass import KV_LEN  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model on CPU")
+    p.add_argument("--quick", action="store_true", help="tiny model on CPU, a handful of ticks")
+    p.add_argument("--shape", choices=("paper", "tiny"), default="paper",
+                   help="the paper's 360M shape, or the tiny twin (host-overhead runs on a CPU)")
     p.add_argument("--model", default="mor-4", help="one of the paper configs (benchmarks/mor_models.py)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence")
@@ -59,12 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.context, args.ticks, args.repeats, args.loop_steps = 16, 24, 8, 2, 4
-        args.device, args.dtype = "cpu", "float32"
+        args.device, args.dtype, args.shape = "cpu", "float32", "tiny"
     return args
 
 
 def build_engine(args: argparse.Namespace, eager: bool, steps: int) -> LLMEngine:
-    shape, specs = (QUICK_SHAPE, QUICK_SPECS) if args.quick else (SMOLLM_360M_SHAPE, PAPER_SPECS)
+    shape, specs = (QUICK_SHAPE, QUICK_SPECS) if args.shape == "tiny" else (SMOLLM_360M_SHAPE, PAPER_SPECS)
     spec = next((s for s in specs if s.name == args.model), None)
     if spec is None:
         raise SystemExit(f"unknown model {args.model!r}; known: {[s.name for s in specs]}")
@@ -138,18 +142,30 @@ def measure(args: argparse.Namespace, mode: str) -> dict:
     block_tokens = []
     step = engine.runner.block_step
     engine.runner.block_step = lambda chunks: block_tokens.append(sum(c.num_active for c in chunks)) or step(chunks)
+    in_loop = [0.0]              # seconds inside the decode loop's device ticks (and their read-back)
+    if engine.decode_loop is not None:
+        run = engine.decode_loop.run
+
+        def timed_run(*a, **kw):
+            t0 = time.perf_counter()
+            out = run(*a, **kw)
+            in_loop[0] += time.perf_counter() - t0
+            return out
+        engine.decode_loop.run = timed_run
     synchronize(engine.runner.device)
     start = time.perf_counter()
     while len(ticks) < args.ticks:
         engine.step()
     synchronize(engine.runner.device)
-    wall = (time.perf_counter() - start) / len(ticks)
+    total = time.perf_counter() - start
+    wall = total / len(ticks)
     runner, cfg = engine.runner, engine.model_config
     row = dict(mode=mode, batch=args.batch, context=args.context, tick_ms=1e3 * wall,
                tokens_per_s=sum(t.num_generated_tokens for t in ticks) / (wall * len(ticks)),
                block_tokens=sum(t.num_block_tokens for t in ticks) / len(ticks),
                tick_bytes=meter.bytes_read / len(ticks) if meter.bytes_read else None)
     if mode == "loop":
+        row["host_ms"] = 1e3 * (total - in_loop[0]) / len(ticks)
         row["device_tick_ms"] = 1e3 * time_loop_tick(engine, args.repeats)
     elif runner.graphed is not None:     # the block pass alone, on the last tick's inputs
         t = block_tokens[-1]
@@ -169,21 +185,23 @@ def _ms(value: float | None) -> str:
 
 def markdown(rows: list[dict], args: argparse.Namespace, device: str) -> str:
     """One row per mode. The roofline of a tick is that of the per-tick path's ideal bytes (the
-    loop does the same work per tick); `device tick` = the loop's tick replayed alone."""
+    loop does the same work per tick); `device tick` = the loop's tick replayed alone; `host` =
+    the loop's wall time outside its device ticks (load, page reservation, read-back handling,
+    stop checks, outputs) per tick."""
     ideal = next((r["tick_bytes"] for r in rows if r.get("tick_bytes")), None)
     roofline = None if ideal is None else 1e3 * ideal / (args.bandwidth_gbs * 1e9)
     lines = [f"device: {device}; model {args.model}, B = {args.batch}, context {args.context}, "
              f"{args.ticks} ticks, decode loop {args.loop_steps} ticks per step, bandwidth {args.bandwidth_gbs:.0f} GB/s; "
              f"ideal bytes per tick {'n/a' if ideal is None else f'{ideal / 2**20:.1f} MiB'}, roofline {_ms(roofline)} ms\n",
-             "| mode | tick ms (wall) | x roofline | device tick ms | x roofline | out tok/s | block tokens/tick "
-             "| block pass ms (graph / eager) | block pass roofline ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| mode | tick ms (wall) | x roofline | host ms/tick | device tick ms | x roofline | out tok/s "
+             "| block tokens/tick | block pass ms (graph / eager) | block pass roofline ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ratio = lambda ms: "n/a" if ms is None or roofline is None else f"{ms / roofline:.2f}"
     for r in rows:
         device_ms = r.get("device_tick_ms")
         block = (f"{r['block_graph_ms']:.3f} / {r['block_eager_ms']:.3f} | {r['block_roofline_ms']:.3f}"
                  if "block_graph_ms" in r else "n/a | n/a")
-        lines.append(f"| {r['mode']} | {r['tick_ms']:.3f} | {ratio(r['tick_ms'])} | {_ms(device_ms)} | "
+        lines.append(f"| {r['mode']} | {r['tick_ms']:.3f} | {ratio(r['tick_ms'])} | {_ms(r.get('host_ms'))} | {_ms(device_ms)} | "
                      f"{ratio(device_ms)} | {r['tokens_per_s']:.0f} | {r['block_tokens']:.0f} | {block} |")
     return "\n".join(lines) + "\n"
 
