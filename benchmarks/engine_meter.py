@@ -170,7 +170,7 @@ def current_rss() -> int | None:
 def greedy_params(max_tokens: int) -> SamplingParams:
     """Greedy with EOS ignored: every request produces exactly max_tokens tokens, the same ones in
     every mode (the paper's setting), so the modes' runs do identical work."""
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind="final_only")
 
 
 def run_workload(engine: LLMEngine, requests: list[tuple[list[int], int]], time_cap: float | None = None,

@@ -407,3 +407,18 @@ def test_multi_step_decode_loop_honours_stops_and_falls_back():
                                            ("s", [1, 2], SamplingParams(max_tokens=12, temperature=1.0, seed=3))]})
     assert mixed["g"].outputs[0].token_ids == toks
     assert engine.check_no_leak()
+
+
+def test_final_only_requests_report_once_and_bad_output_kind_is_rejected():
+    model = tiny_model("expert", "recursion", 2, seed=5)
+    engine = make_engine(model)
+    engine.add_request("f", [1, 2, 3], SamplingParams(max_tokens=6, output_kind="final_only", **GREEDY))
+    engine.add_request("c", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))
+    seen = {"f": [], "c": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["f"]) == 1 and seen["f"][0].finished
+    assert len(seen["c"]) == 6 and seen["c"][-1].outputs[0].token_ids == seen["f"][0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="delta")

@@ -28,6 +28,8 @@ from morserve.engine.block_pass import DEPTH, ENTRY, GROUP, KV_LEN, NUM_FIELDS, 
 from morserve.engine.sequence import Chunk, Sequence
 from morserve.model.routing import token_choice
 
+SLOT_ROW, LIVE_ROW = 4, 5      # rows of the host field mirror: token, position, depth, target, slot, live
+
 
 @dataclass
 class LoopOutput:
@@ -76,53 +78,55 @@ class DecodeLoop:
             self.out_occupancy = torch.zeros(max_steps, nr, **long)
             self.out_exits = torch.zeros(max_steps, nr, **long)
             self.out_prologue = torch.zeros(max_steps, **long)
+        # host mirrors of the loaded state (pinned on CUDA; the next load comes after run()'s
+        # read-back, so the asynchronous copies out of them have finished by then)
+        pin = dev.type == "cuda"
+        self._fields_pinned = torch.zeros(LIVE_ROW + 1, max_seqs, dtype=torch.long, pin_memory=pin)
+        self._lengths_pinned = torch.zeros(max_seqs, stages, dtype=torch.long, pin_memory=pin)
+        self._tables_pinned = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, pin_memory=pin)
+        self._fields_host = self._fields_pinned.numpy()
+        self._lengths_host = self._lengths_pinned.numpy()
+        self._tables_host = self._tables_pinned.numpy()
+        self._mirrored: list[list] = [[None] * stages for _ in range(max_seqs)]
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # ---- host side ----------------------------------------------------------------------------
-    def reserve(self, seqs: list[Sequence], steps: int) -> bool:
-        """Pages for `steps` more entries at every stage of every sequence; False (nothing
-        reserved) when the free pages do not cover it."""
-        need = {}
-        for seq in seqs:
-            for stage in range(len(self.blocks.layers_per_stage)):
-                pages = self.blocks.pages_needed(seq.seq_id, stage, steps)
-                if pages:
-                    need[seq.seq_id, stage] = pages
-        if sum(need.values()) > self.blocks.num_free_pages:
-            return False
-        for seq_id, stage in need:
-            self.blocks.reserve(seq_id, stage, steps)
-        return True
-
     def load(self, seqs: list[Sequence]) -> None:
         """Copy the sequences' decode state into rows 0..len(seqs)-1. A sequence without a chunk
-        in flight gets one for its pending token (holding a pool slot, depth 0)."""
-        n, rows_max = len(seqs), self.rows_max
-        stage_layers = self.blocks.layers_per_stage
-        host = {name: np.zeros(rows_max, dtype=np.int64) for name in ("token", "position", "depth", "target")}
-        host["slot"] = np.full(rows_max, self.runner.pool_size, dtype=np.int64)
-        lengths = np.zeros(tuple(self.lengths.shape), dtype=np.int64)
-        tables = np.zeros(tuple(self.tables.shape), dtype=np.int32)
+        in flight gets one for its pending token (holding a pool slot, depth 0). Block tables go
+        through a host mirror that is only rewritten where a (row, stage) table changed."""
+        n = len(seqs)
+        scratch, layers_per_stage = self.runner.pool_size, self.blocks.layers_per_stage
+        fields = self._fields_host
+        fields[:] = 0
+        fields[SLOT_ROW] = scratch
+        fields[LIVE_ROW, :n] = 1
+        lengths, tables, stage_caches = self._lengths_host, self._tables_host, self.blocks.tables
+        lengths[:] = 0
         for b, seq in enumerate(seqs):
             chunk = seq.chunk
             if chunk is None:
                 pos = len(seq.token_ids) - 1
                 chunk = seq.chunk = Chunk(seq=seq, start=pos, token_ids=[seq.token_ids[pos]],
                                           slots=self.runner.alloc_slots(1), depth=0)
-            host["token"][b], host["position"][b], host["slot"][b] = chunk.token_ids[0], chunk.start, chunk.slots[0]
-            host["depth"][b] = chunk.depth
-            if chunk.target_depth is not None:
-                host["target"][b] = chunk.target_depth[0]
-            for stage, layers in enumerate(stage_layers):
-                lengths[b, stage] = self.blocks.length(seq.seq_id, stage)
-                table = self.blocks.block_table(seq.seq_id, stage)
-                tables[b, stage, : len(table), :layers] = table
+            target = chunk.target_depth[0] if chunk.target_depth is not None else 0
+            fields[:LIVE_ROW, b] = (chunk.token_ids[0], chunk.start, chunk.depth, target, chunk.slots[0])
+            mirrored = self._mirrored[b]
+            for stage, layers in enumerate(layers_per_stage):
+                cache = stage_caches.get((seq.seq_id, stage))
+                if cache is None:
+                    continue
+                lengths[b, stage] = cache.length
+                if mirrored[stage] != (cache, cache.version):
+                    tables[b, stage, : cache.num_blocks, :layers] = cache.table
+                    mirrored[stage] = (cache, cache.version)
         with torch.inference_mode():
-            for name, values in host.items():
-                getattr(self, name).copy_(torch.from_numpy(values))
-            self.live.copy_(torch.arange(rows_max) < n)
-            self.lengths.copy_(torch.from_numpy(lengths))
-            self.tables.copy_(torch.from_numpy(tables))
+            device_fields = self._fields_pinned.to(self.token.device, non_blocking=True)
+            for row, name in enumerate(("token", "position", "depth", "target", "slot")):
+                getattr(self, name).copy_(device_fields[row])
+            self.live.copy_(device_fields[LIVE_ROW].bool())
+            self.lengths.copy_(self._lengths_pinned, non_blocking=True)
+            self.tables.copy_(self._tables_pinned, non_blocking=True)
 
     def run(self, steps: int, num_rows: int) -> LoopOutput:
         """`steps` ticks (<= max_steps); then one copy of everything back to the host."""

@@ -34,6 +34,7 @@ class StageCache:
         self.pages = np.zeros((4, layers), dtype=np.int32)
         self.num_blocks = 0
         self.length = 0
+        self.version = 0              # bumped whenever the block list changes (for table mirrors)
 
     @property
     def table(self) -> np.ndarray:
@@ -44,6 +45,7 @@ class StageCache:
             self.pages = np.concatenate([self.pages, np.zeros_like(self.pages)])
         self.pages[self.num_blocks] = page_ids
         self.num_blocks += 1
+        self.version += 1
 
 
 class BlockManager:
@@ -57,6 +59,7 @@ class BlockManager:
         self.layers_per_stage = list(layers_per_stage)
         self.free_pages: list[int] = list(range(num_pages - 1, -1, -1))
         self.tables: dict[tuple[int, int], StageCache] = {}
+        self.used_blocks = [0] * len(self.layers_per_stage)      # blocks held, per stage
 
     # ---- accounting ----------------------------------------------------------------------
     @property
@@ -78,60 +81,70 @@ class BlockManager:
         return -(-entries // self.block_size) * self.layers_per_stage[stage]
 
     def blocks_used_per_stage(self) -> list[int]:
-        used = [0] * len(self.layers_per_stage)
-        for (_, stage), cache in self.tables.items():
-            used[stage] += cache.num_blocks
-        return used
+        return list(self.used_blocks)
 
     def usage(self) -> float:
         return 1.0 - self.num_free_pages / self.num_pages
 
     # ---- allocation ----------------------------------------------------------------------
+    def _cache(self, seq_id: int, stage: int) -> StageCache:
+        cache = self.tables.get((seq_id, stage))
+        if cache is None:
+            cache = self.tables[(seq_id, stage)] = StageCache(self.layers_per_stage[stage])
+        return cache
+
+    def _add_block(self, cache: StageCache, stage: int) -> None:
+        cache.add_block([self.free_pages.pop() for _ in range(self.layers_per_stage[stage])])
+        self.used_blocks[stage] += 1
+
     def append(self, seq_id: int, stage: int, new_entries: int) -> int:
         """Reserve `new_entries` entries at the end of (seq, stage); returns the first entry index."""
         needed = self.pages_needed(seq_id, stage, new_entries)
         if needed > self.num_free_pages:
             raise OutOfPages(f"need {needed} pages, {self.num_free_pages} free")
-        layers = self.layers_per_stage[stage]
-        cache = self.tables.get((seq_id, stage))
-        if cache is None:
-            cache = self.tables[(seq_id, stage)] = StageCache(layers)
-        while cache.num_blocks * self.block_size < cache.length + new_entries and layers:
-            cache.add_block([self.free_pages.pop() for _ in range(layers)])
+        cache = self._cache(seq_id, stage)
+        while cache.num_blocks * self.block_size < cache.length + new_entries and self.layers_per_stage[stage]:
+            self._add_block(cache, stage)
         start = cache.length
         cache.length += new_entries
         return start
 
-    def reserve(self, seq_id: int, stage: int, new_entries: int) -> None:
-        """Allocate pages so that (seq, stage) can hold `new_entries` more entries, without
-        reserving the entries themselves (the device decode loop writes them, then reports the
-        lengths back through set_length)."""
-        needed = self.pages_needed(seq_id, stage, new_entries)
-        if needed > self.num_free_pages:
-            raise OutOfPages(f"need {needed} pages, {self.num_free_pages} free")
-        length = self.length(seq_id, stage)
-        self.append(seq_id, stage, new_entries)
-        self.tables[(seq_id, stage)].length = length
+    def reserve_ahead(self, seq_ids: list[int], new_entries: int) -> bool:
+        """Allocate pages so that every stage of every listed sequence can take `new_entries` more
+        entries, without reserving the entries (the device decode loop writes them and reports the
+        lengths through commit_lengths). All or nothing: False when the free pages fall short."""
+        plan, total, bs, get = [], 0, self.block_size, self.tables.get
+        stages = [(stage, layers) for stage, layers in enumerate(self.layers_per_stage) if layers]
+        for seq_id in seq_ids:
+            for stage, layers in stages:
+                cache = get((seq_id, stage))
+                blocks = (-(-(cache.length + new_entries) // bs) - cache.num_blocks if cache
+                          else -(-new_entries // bs))
+                if blocks > 0:
+                    plan.append((seq_id, stage, blocks))
+                    total += blocks * layers
+        if total > self.num_free_pages:
+            return False
+        for seq_id, stage, blocks in plan:
+            cache = self._cache(seq_id, stage)
+            for _ in range(blocks):
+                self._add_block(cache, stage)
+        return True
 
-    def set_length(self, seq_id: int, stage: int, length: int) -> None:
-        """Record entries written beyond the reserved length (within the pages already held)."""
-        cache = self.tables.get((seq_id, stage))
-        if cache is None:
-            cache = self.tables[(seq_id, stage)] = StageCache(self.layers_per_stage[stage])
-        capacity = cache.num_blocks * self.block_size
-        if length < 0 or (self.layers_per_stage[stage] and length > capacity):
-            raise ValueError(f"length {length} outside the {capacity} entries held by ({seq_id}, {stage})")
-        cache.length = length
-
-    def trim(self, seq_id: int, stage: int) -> None:
-        """Return the pages of blocks beyond what the entries of (seq, stage) occupy."""
-        cache = self.tables.get((seq_id, stage))
-        if cache is None:
-            return
-        keep = -(-cache.length // self.block_size)
-        if cache.num_blocks > keep:
-            self.free_pages.extend(cache.pages[keep: cache.num_blocks].ravel().tolist())
-            cache.num_blocks = keep
+    def commit_lengths(self, seq_id: int, lengths: list[int]) -> None:
+        """Set the entries per stage written by the decode loop (within the pages held) and give
+        back the pages beyond what they occupy."""
+        for stage, length in enumerate(lengths):
+            cache = self._cache(seq_id, stage)
+            keep = -(-length // self.block_size) if self.layers_per_stage[stage] else 0
+            if length < 0 or keep > cache.num_blocks:
+                raise ValueError(f"{length} entries exceed the {cache.num_blocks} blocks of ({seq_id}, {stage})")
+            cache.length = length
+            if cache.num_blocks > keep:
+                self.free_pages.extend(cache.pages[keep: cache.num_blocks].ravel().tolist())
+                self.used_blocks[stage] -= cache.num_blocks - keep
+                cache.num_blocks = keep
+                cache.version += 1
 
     def length(self, seq_id: int, stage: int) -> int:
         cache = self.tables.get((seq_id, stage))
@@ -152,6 +165,7 @@ class BlockManager:
             cache = self.tables.pop((seq_id, stage), None)
             if cache:
                 self.free_pages.extend(cache.table.ravel().tolist())
+                self.used_blocks[stage] -= cache.num_blocks
 
     def all_free(self) -> bool:
         return self.num_free_pages == self.num_pages and not self.tables

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Sequence as Seq
 
@@ -42,7 +43,7 @@ class LLM:
         added = []
         try:
             for rid, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(rid, prompt, dataclasses.replace(p, output_kind="final_only"))
                 added.append(rid)
         except Exception:
             for rid in added:

@@ -202,7 +202,7 @@ class LLMEngine:
         """One tick, or, when the decode loop applies, several ticks run on the device."""
         if self.decode_loop is not None:
             steps = self._loop_steps()
-            if steps > 1 and self.decode_loop.reserve(self.scheduler.running, steps):
+            if steps > 1 and self.blocks.reserve_ahead([s.seq_id for s in self.scheduler.running], steps):
                 return self._loop_step(steps)
         stats = self._stats()
         sched, runner = self.scheduler, self.runner
@@ -226,13 +226,15 @@ class LLMEngine:
         done = [c for c in self._in_flight() if not c.in_block]
         touched = self._finish_chunks(done, stats) if done else set()
         self._record(stats)
-        return [self._output(req) for req in touched]
+        return self._outputs(touched)
 
     # ---- multi-step greedy decoding on the device -----------------------------------------------
     def _loop_steps(self) -> int:
         """Ticks the decode loop may run now: 0 unless every running sequence decodes greedily
         (single-token chunks, no penalties, bans or top-N logprobs) and no waiting request could
-        be admitted; at most what every sequence's max_tokens and the context still allow."""
+        be admitted; at most what the context leaves every sequence. A sequence that reaches
+        max_tokens or a stop inside the loop keeps its row busy to the end of the loop, and the
+        tokens past its end are dropped."""
         seqs, steps = self.scheduler.running, self.args.num_scheduler_steps
         if not seqs or (self.scheduler.waiting and len(seqs) < self.args.max_num_seqs):
             return 0
@@ -245,7 +247,7 @@ class LLMEngine:
             pending = seq.num_computed == len(seq.token_ids) - 1 if chunk is None else chunk.n == chunk.num_active == 1
             if not pending:
                 return 0
-            steps = min(steps, p.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
+            steps = min(steps, self.max_model_len - len(seq.token_ids))
         return steps
 
     def _loop_step(self, steps: int) -> list[RequestOutput]:
@@ -253,27 +255,24 @@ class LLMEngine:
         loop = self.decode_loop
         loop.load(seqs)
         out = loop.run(steps, len(seqs))
-        for b, seq in enumerate(seqs):
-            for stage, length in enumerate(out.lengths[b].tolist()):
-                self.blocks.set_length(seq.seq_id, stage, length)
-                self.blocks.trim(seq.seq_id, stage)       # give back what the loop did not use
+        for seq, lengths in zip(seqs, out.lengths.tolist()):
+            self.blocks.commit_lengths(seq.seq_id, lengths)
+        tokens, depths, logprobs = out.tokens.tolist(), out.depths.tolist(), out.logprobs.tolist()
         touched: set[Request] = set()
         for k in range(steps):
             generated = 0
-            for b, seq in enumerate(seqs):
-                token = int(out.tokens[k, b])
+            for seq, token, depth, logprob in zip(seqs, tokens[k], depths[k], logprobs[k]):
                 if token < 0 or seq.finished:
                     continue
-                logprob = float(out.logprobs[k, b])
                 top = {token: logprob} if seq.request.params.logprobs == 0 else None
-                self._append_token(seq, Sampled(token, logprob, top), int(out.depths[k, b]))
+                self._append_token(seq, Sampled(token, logprob, top), depth)
                 touched.add(seq.request)
                 generated += 1
             self._record(self._loop_tick_stats(out, k, generated))
         for b, seq in enumerate(seqs):
             if not seq.finished:
                 self._take_back(seq, out, b)
-        return [self._output(req) for req in touched]
+        return self._outputs(touched)
 
     def _loop_tick_stats(self, out: LoopOutput, k: int, generated: int) -> TickStats:
         stats = self._stats()
@@ -416,6 +415,9 @@ class LLMEngine:
         self.last_tick = stats
         for listener in self.tick_listeners:
             listener(stats)
+
+    def _outputs(self, touched: set[Request]) -> list[RequestOutput]:
+        return [self._output(req) for req in touched if req.finished or req.params.output_kind == "cumulative"]
 
     def _output(self, req: Request) -> RequestOutput:
         outs = []

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """temperature 0 means greedy; top_k <= 0 and top_p = 1 and min_p = 0 mean no truncation.
     seed makes the request's sampling reproducible whatever else is in the batch. logprobs /
-    prompt_logprobs: how many top alternatives to report per token (0 = only the chosen token)."""
+    prompt_logprobs: how many top alternatives to report per token (0 = only the chosen token).
+    output_kind: `cumulative` (a RequestOutput after every tick that touched the request, for
+    streaming) or `final_only` (only the finished one; what offline generation needs)."""
 
     n: int = 1
     max_tokens: int | None = 16
@@ -29,6 +31,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    output_kind: str = "cumulative"
+
+    OUTPUT_KINDS = ("cumulative", "final_only")
 
     MAX_LOGPROBS = 20
 
@@ -77,5 +82,7 @@ class SamplingParams:
                 bad(name, f"must be an integer in [0, {self.MAX_LOGPROBS}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
+        if self.output_kind not in self.OUTPUT_KINDS:
+            bad("output_kind", f"must be one of {self.OUTPUT_KINDS}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
