@@ -422,3 +422,16 @@ def test_final_only_requests_report_once_and_bad_output_kind_is_rejected():
     assert len(seen["c"]) == 6 and seen["c"][-1].outputs[0].token_ids == seen["f"][0].outputs[0].token_ids
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="delta")
+
+
+def test_multi_step_loop_with_more_sequences_than_pool_rows():
+    """max_num_seqs above max_num_batched_tokens: the loop needs a pool row per sequence, so it
+    must wait for enough free rows rather than fail, and the results stay exact."""
+    rng = random.Random(7)
+    model = tiny_model("expert", "recursion", 3, seed=7)
+    engine = make_engine(model, max_num_batched_tokens=6, max_num_seqs=12, num_scheduler_steps=4)
+    arrivals = {0: [(f"r{i}", [rng.randrange(97) for _ in range(rng.randint(1, 5))],
+                     SamplingParams(max_tokens=10, **GREEDY)) for i in range(12)]}
+    results = run_to_completion(engine, {k: list(v) for k, v in arrivals.items()})
+    assert_matches_reference(model, arrivals, results)
+    assert engine.check_no_leak()

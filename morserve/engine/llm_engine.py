@@ -248,6 +248,8 @@ class LLMEngine:
             if not pending:
                 return 0
             steps = min(steps, self.max_model_len - len(seq.token_ids))
+        if sum(seq.chunk is None for seq in seqs) > self.runner.num_free_slots:
+            return 0          # every row holds a pool slot for the whole loop
         return steps
 
     def _loop_step(self, steps: int) -> list[RequestOutput]:
