@@ -259,18 +259,19 @@ class LLMEngine:
         out = loop.run(steps, len(seqs))
         for seq, lengths in zip(seqs, out.lengths.tolist()):
             self.blocks.commit_lengths(seq.seq_id, lengths)
-        tokens, depths, logprobs = out.tokens.tolist(), out.depths.tolist(), out.logprobs.tolist()
+        generated = [0] * steps
         touched: set[Request] = set()
-        for k in range(steps):
-            generated = 0
-            for seq, token, depth, logprob in zip(seqs, tokens[k], depths[k], logprobs[k]):
-                if token < 0 or seq.finished:
-                    continue
-                top = {token: logprob} if seq.request.params.logprobs == 0 else None
-                self._append_token(seq, Sampled(token, logprob, top), depth)
+        rows = zip(seqs, out.tokens.T.tolist(), out.depths.T.tolist(), out.logprobs.T.tolist())
+        for seq, tokens, depths, logprobs in rows:
+            ticks = [k for k, token in enumerate(tokens) if token >= 0]
+            kept = self._append_burst(seq, [tokens[k] for k in ticks], [depths[k] for k in ticks],
+                                      [logprobs[k] for k in ticks])
+            for k in ticks[:kept]:
+                generated[k] += 1
+            if kept:
                 touched.add(seq.request)
-                generated += 1
-            self._record(self._loop_tick_stats(out, k, generated))
+        for k in range(steps):
+            self._record(self._loop_tick_stats(out, k, generated[k]))
         for b, seq in enumerate(seqs):
             if not seq.finished:
                 self._take_back(seq, out, b)
@@ -376,6 +377,47 @@ class LLMEngine:
             if result.top is not None:
                 seq.logprobs.append(result.top)
             self._check_stop(seq, result.token)
+        self._retire_if_finished(seq)
+
+    def _append_burst(self, seq: Sequence, tokens: list[int], depths: list[int], logprobs: list[float]) -> int:
+        """The decode loop's greedy tokens for one sequence, in order, up to its first stop (EOS,
+        a stop token id, max_tokens, the context), with the stop rules of _check_stop; the rest
+        are dropped. Stop strings need the text after every token: those go one by one. Returns
+        how many tokens were kept."""
+        params = seq.request.params
+        with_top = params.logprobs == 0
+        if params.stop:
+            kept = 0
+            for token, depth, logprob in zip(tokens, depths, logprobs):
+                if seq.finished:
+                    break
+                self._append_token(seq, Sampled(token, logprob, {token: logprob} if with_top else None), depth)
+                kept += 1
+            return kept
+        room = min(params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
+        kept, reason, stop = len(tokens), None, None
+        if room <= kept:
+            kept, reason = room, "length"
+        eos = set() if params.ignore_eos else self.eos_ids
+        if eos or params.stop_token_ids:
+            for i, token in enumerate(tokens[:kept]):
+                if token in eos or token in params.stop_token_ids:
+                    kept, reason, stop = i + 1, "stop", None if token in eos else token
+                    break
+        seq.token_ids.extend(tokens[:kept])
+        seq.depths.extend(depths[:kept])
+        seq.cumulative_logprob += sum(logprobs[:kept])
+        if with_top:
+            seq.logprobs.extend({t: lp} for t, lp in zip(tokens[:kept], logprobs[:kept]))
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
+        if reason is not None:
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason, seq.stop_reason = reason, stop
+        self._retire_if_finished(seq)
+        return kept
+
+    def _retire_if_finished(self, seq: Sequence) -> None:
         if seq.finished:
             self.scheduler.remove(seq)
             if seq.request.finished:
