@@ -142,16 +142,17 @@ def measure(args: argparse.Namespace, mode: str) -> dict:
     block_tokens = []
     step = engine.runner.block_step
     engine.runner.block_step = lambda chunks: block_tokens.append(sum(c.num_active for c in chunks)) or step(chunks)
-    in_loop = [0.0]              # seconds inside the decode loop's device ticks (and their read-back)
+    in_loop = [0.0]     # seconds inside the decode loop's launch (eager ticks on a CPU) and collect
     if engine.decode_loop is not None:
-        run = engine.decode_loop.run
+        for name in ("launch", "collect"):
+            method = getattr(engine.decode_loop, name)
 
-        def timed_run(*a, **kw):
-            t0 = time.perf_counter()
-            out = run(*a, **kw)
-            in_loop[0] += time.perf_counter() - t0
-            return out
-        engine.decode_loop.run = timed_run
+            def timed(*a, _method=method, **kw):
+                t0 = time.perf_counter()
+                out = _method(*a, **kw)
+                in_loop[0] += time.perf_counter() - t0
+                return out
+            setattr(engine.decode_loop, name, timed)
     synchronize(engine.runner.device)
     start = time.perf_counter()
     while len(ticks) < args.ticks:
@@ -186,8 +187,9 @@ def _ms(value: float | None) -> str:
 def markdown(rows: list[dict], args: argparse.Namespace, device: str) -> str:
     """One row per mode. The roofline of a tick is that of the per-tick path's ideal bytes (the
     loop does the same work per tick); `device tick` = the loop's tick replayed alone; `host` =
-    the loop's wall time outside its device ticks (load, page reservation, read-back handling,
-    stop checks, outputs) per tick."""
+    the loop's wall time outside launching and collecting its ticks (load, page reservation,
+    token handling, stop checks, outputs) per tick: with chained loops the device runs the next
+    loop meanwhile, so on a GPU the tick costs about max(host, device tick)."""
     ideal = next((r["tick_bytes"] for r in rows if r.get("tick_bytes")), None)
     roofline = None if ideal is None else 1e3 * ideal / (args.bandwidth_gbs * 1e9)
     lines = [f"device: {device}; model {args.model}, B = {args.batch}, context {args.context}, "

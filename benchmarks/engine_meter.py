@@ -97,12 +97,12 @@ class EngineMeter:
         engine.tick_listeners.append(self._on_tick)
         self.loop_calls = 0
         if engine.decode_loop is not None:
-            run = engine.decode_loop.run
+            launch = engine.decode_loop.launch
 
-            def counted_run(*args, **kwargs):
+            def counted_launch(*args, **kwargs):
                 self.loop_calls += 1
-                return run(*args, **kwargs)
-            engine.decode_loop.run = counted_run
+                return launch(*args, **kwargs)
+            engine.decode_loop.launch = counted_launch
 
     # ---- ideal bytes ----------------------------------------------------------------------
     def _counted(self, phase: str, fn: Callable, entries_of: Callable[[list[Chunk]], int]) -> Callable:

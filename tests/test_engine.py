@@ -435,3 +435,43 @@ def test_multi_step_loop_with_more_sequences_than_pool_rows():
     results = run_to_completion(engine, {k: list(v) for k, v in arrivals.items()})
     assert_matches_reference(model, arrivals, results)
     assert engine.check_no_leak()
+
+
+def test_chained_decode_loops_survive_aborts_and_arrivals():
+    """With nothing in the way the engine launches the next loop before handling the last one's
+    tokens (a loop stays in flight between step() calls). Aborting a sequence of the loop in flight,
+    or a new arrival, ends the chain; the other sequences stay exact and nothing leaks."""
+    rng = random.Random(11)
+    model = tiny_model("expert", "recursion", 3, seed=11)
+    engine = make_engine(model, num_scheduler_steps=3, max_num_seqs=4)
+    prompts = {f"r{i}": [rng.randrange(97) for _ in range(rng.randint(2, 9))] for i in range(4)}
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=30, **GREEDY))
+    results, chained_steps, aborted, late = {}, 0, False, None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out
+        if engine._flight is not None:
+            chained_steps += 1
+            if not aborted and chained_steps >= 2:
+                engine.abort_request("r1")           # its row is still running on the device
+                aborted = True
+            elif aborted and late is None:
+                late = [5, 4, 3]
+                engine.add_request("late", late, SamplingParams(max_tokens=6, **GREEDY))
+    assert chained_steps >= 3 and aborted and late is not None
+    assert "r1" not in results
+    for rid, prompt in {**prompts, "late": late}.items():
+        if rid != "r1":
+            out = results[rid].outputs[0]
+            check_against_reference(model, prompt, out.token_ids, out.depths)
+    assert engine.check_no_leak()
+    # aborting everything while a loop is in flight leaves nothing behind at once
+    for rid in ("x", "y"):
+        engine.add_request(rid, [1, 2, 3], SamplingParams(max_tokens=40, **GREEDY))
+    while engine._flight is None:
+        engine.step()
+    engine.abort_request("x")
+    engine.abort_request("y")
+    assert engine.check_no_leak()

@@ -289,8 +289,8 @@ def test_engine_on_interpreted_kernels_matches_reference(router, kv_mode, monkey
     engine = LLMEngine(model, None, EngineArgs(model=model, max_num_batched_tokens=16, block_size=4,
                                                 num_kv_blocks=400, max_num_seqs=4, num_scheduler_steps=3))
     engine.runner.use_graphs(graph_sizes(8), engine.max_model_len, capture=False)
-    loop_runs, run_loop = [], engine.decode_loop.run
-    engine.decode_loop.run = lambda *args: loop_runs.append(args) or run_loop(*args)
+    loop_runs, launch_loop = [], engine.decode_loop.launch
+    engine.decode_loop.launch = lambda *args: loop_runs.append(args) or launch_loop(*args)
     params = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
     prompts = {"a": [3, 1, 4, 1, 5], "b": [9, 2], "c": [6, 5, 3, 5, 8, 9, 7]}
     results = run_to_completion(engine, {0: [("a", prompts["a"], params), ("b", prompts["b"], params)],

@@ -29,6 +29,17 @@ from morserve.engine.sequence import Chunk, Sequence
 from morserve.model.routing import token_choice
 
 SLOT_ROW, LIVE_ROW = 4, 5      # rows of the host field mirror: token, position, depth, target, slot, live
+_STEP_OUTPUTS = ("out_tokens", "out_depths", "out_logprobs", "out_occupancy", "out_exits", "out_prologue")
+_ROW_STATE = ("depth", "position", "target", "lengths")
+
+
+@dataclass
+class LoopHandle:
+    """A launched loop: the pinned buffer its results are copied to, and the event that says so."""
+
+    buffer: dict[str, torch.Tensor]
+    steps: int
+    done: torch.cuda.Event | None       # None on CPU (copies are synchronous there)
 
 
 @dataclass
@@ -88,6 +99,11 @@ class DecodeLoop:
         self._lengths_host = self._lengths_pinned.numpy()
         self._tables_host = self._tables_pinned.numpy()
         self._mirrored: list[list] = [[None] * stages for _ in range(max_seqs)]
+        self._tables_copied: torch.cuda.Event | None = None   # the mirror may be rewritten once set
+        self._readback = [{name: torch.empty(getattr(self, name).shape, dtype=getattr(self, name).dtype,
+                                             pin_memory=pin) for name in _STEP_OUTPUTS + _ROW_STATE}
+                          for _ in range(2)]
+        self._next_buffer = 0
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # ---- host side ----------------------------------------------------------------------------
@@ -101,7 +117,7 @@ class DecodeLoop:
         fields[:] = 0
         fields[SLOT_ROW] = scratch
         fields[LIVE_ROW, :n] = 1
-        lengths, tables, stage_caches = self._lengths_host, self._tables_host, self.blocks.tables
+        lengths, stage_caches = self._lengths_host, self.blocks.tables
         lengths[:] = 0
         for b, seq in enumerate(seqs):
             chunk = seq.chunk
@@ -111,25 +127,40 @@ class DecodeLoop:
                                           slots=self.runner.alloc_slots(1), depth=0)
             target = chunk.target_depth[0] if chunk.target_depth is not None else 0
             fields[:LIVE_ROW, b] = (chunk.token_ids[0], chunk.start, chunk.depth, target, chunk.slots[0])
-            mirrored = self._mirrored[b]
-            for stage, layers in enumerate(layers_per_stage):
+            for stage in range(len(layers_per_stage)):
                 cache = stage_caches.get((seq.seq_id, stage))
-                if cache is None:
-                    continue
-                lengths[b, stage] = cache.length
-                if mirrored[stage] != (cache, cache.version):
-                    tables[b, stage, : cache.num_blocks, :layers] = cache.table
-                    mirrored[stage] = (cache, cache.version)
+                lengths[b, stage] = cache.length if cache is not None else 0
+        self.refresh_tables(seqs)
         with torch.inference_mode():
             device_fields = self._fields_pinned.to(self.token.device, non_blocking=True)
             for row, name in enumerate(("token", "position", "depth", "target", "slot")):
                 getattr(self, name).copy_(device_fields[row])
             self.live.copy_(device_fields[LIVE_ROW].bool())
             self.lengths.copy_(self._lengths_pinned, non_blocking=True)
-            self.tables.copy_(self._tables_pinned, non_blocking=True)
 
-    def run(self, steps: int, num_rows: int) -> LoopOutput:
-        """`steps` ticks (<= max_steps); then one copy of everything back to the host."""
+    def refresh_tables(self, seqs: list[Sequence]) -> None:
+        """Bring the device block tables of rows 0..len(seqs)-1 up to date (new pages reserved
+        since the last copy). Safe while a loop runs: it only adds pages past what that loop may
+        reach, and the copy is ordered after it on the stream."""
+        if self._tables_copied is not None:
+            self._tables_copied.synchronize()          # the last copy out of the mirror is done
+        tables, stage_caches, layers_per_stage = self._tables_host, self.blocks.tables, self.blocks.layers_per_stage
+        for b, seq in enumerate(seqs):
+            mirrored = self._mirrored[b]
+            for stage, layers in enumerate(layers_per_stage):
+                cache = stage_caches.get((seq.seq_id, stage))
+                if cache is not None and mirrored[stage] != (cache, cache.version):
+                    tables[b, stage, : cache.num_blocks, :layers] = cache.table
+                    mirrored[stage] = (cache, cache.version)
+        with torch.inference_mode():
+            self.tables.copy_(self._tables_pinned, non_blocking=True)
+        if self.tables.is_cuda:
+            self._tables_copied = torch.cuda.Event()
+            self._tables_copied.record()
+
+    def launch(self, steps: int) -> LoopHandle:
+        """Enqueue `steps` ticks (<= max_steps) and the copy of their results into one of two
+        pinned host buffers; returns at once on CUDA (collect() waits)."""
         with torch.inference_mode():
             self.step.zero_()
             if self.capture and self.graph is None:
@@ -139,13 +170,29 @@ class DecodeLoop:
                     self.graph.replay()
                 else:
                     self._tick()
-            take = lambda t: t[:steps].cpu().numpy()
-            return LoopOutput(tokens=take(self.out_tokens)[:, :num_rows], depths=take(self.out_depths)[:, :num_rows],
-                              logprobs=take(self.out_logprobs)[:, :num_rows], occupancy=take(self.out_occupancy),
-                              exits=take(self.out_exits), prologue_tokens=take(self.out_prologue),
-                              depth=self.depth[:num_rows].cpu().numpy(), position=self.position[:num_rows].cpu().numpy(),
-                              target=self.target[:num_rows].cpu().numpy(),
-                              lengths=self.lengths[:num_rows].cpu().numpy())
+            buffer = self._readback[self._next_buffer]
+            self._next_buffer ^= 1
+            for name in _STEP_OUTPUTS:
+                buffer[name][:steps].copy_(getattr(self, name)[:steps], non_blocking=True)
+            for name in _ROW_STATE:
+                buffer[name].copy_(getattr(self, name), non_blocking=True)
+            done = torch.cuda.Event() if self.token.is_cuda else None
+            if done is not None:
+                done.record()
+        return LoopHandle(buffer, steps, done)
+
+    @staticmethod
+    def collect(handle: LoopHandle, num_rows: int) -> LoopOutput:
+        """Wait for a launched loop and copy its results out of the pinned buffer."""
+        if handle.done is not None:
+            handle.done.synchronize()
+        per_step = lambda name: handle.buffer[name][: handle.steps].numpy().copy()
+        per_row = lambda name: handle.buffer[name][:num_rows].numpy().copy()
+        return LoopOutput(tokens=per_step("out_tokens")[:, :num_rows], depths=per_step("out_depths")[:, :num_rows],
+                          logprobs=per_step("out_logprobs")[:, :num_rows], occupancy=per_step("out_occupancy"),
+                          exits=per_step("out_exits"), prologue_tokens=per_step("out_prologue"),
+                          depth=per_row("depth"), position=per_row("position"), target=per_row("target"),
+                          lengths=per_row("lengths"))
 
     def _capture(self) -> None:
         """Capture one tick. Warm-up and capture run with every row inert (live = False), so they

@@ -131,16 +131,17 @@ class BlockManager:
                 self._add_block(cache, stage)
         return True
 
-    def commit_lengths(self, seq_id: int, lengths: list[int]) -> None:
-        """Set the entries per stage written by the decode loop (within the pages held) and give
-        back the pages beyond what they occupy."""
+    def commit_lengths(self, seq_id: int, lengths: list[int], trim: bool = True) -> None:
+        """Set the entries per stage written by the decode loop (within the pages held) and, with
+        `trim`, give back the pages beyond what they occupy (not while another loop, which may
+        write past these lengths, is still running)."""
         for stage, length in enumerate(lengths):
             cache = self._cache(seq_id, stage)
             keep = -(-length // self.block_size) if self.layers_per_stage[stage] else 0
             if length < 0 or keep > cache.num_blocks:
                 raise ValueError(f"{length} entries exceed the {cache.num_blocks} blocks of ({seq_id}, {stage})")
             cache.length = length
-            if cache.num_blocks > keep:
+            if trim and cache.num_blocks > keep:
                 self.free_pages.extend(cache.pages[keep: cache.num_blocks].ravel().tolist())
                 self.used_blocks[stage] -= cache.num_blocks - keep
                 cache.num_blocks = keep

@@ -29,7 +29,7 @@ from morserve.engine.args import EngineArgs
 from morserve.engine.kv_cache import BlockManager
 from morserve.engine.outputs import CompletionOutput, RequestOutput
 from morserve.engine.cuda_graphs import graph_sizes
-from morserve.engine.decode_loop import DecodeLoop, LoopOutput
+from morserve.engine.decode_loop import DecodeLoop, LoopHandle, LoopOutput
 from morserve.engine.runner import ModelRunner
 from morserve.engine.sampler import Sampled, SamplingRow, prompt_logprobs, sample
 from morserve.engine.sampling_params import SamplingParams
@@ -57,6 +57,15 @@ class TickStats:
     num_block_steps: int = 0
 
 
+@dataclass
+class LoopFlight:
+    """A decode loop launched on the device and not yet collected, over these sequences."""
+
+    seqs: list[Sequence]
+    steps: int
+    handle: LoopHandle
+
+
 class LLMEngine:
     def __init__(self, model: MoRModel, tokenizer, args: EngineArgs) -> None:
         args.validate()
@@ -81,6 +90,7 @@ class LLMEngine:
         if cuda_graphs and max_graph > 0:
             self.runner.use_graphs(graph_sizes(max_graph), self.max_model_len, capture=True)
         self.decode_loop = None
+        self._flight: LoopFlight | None = None
         if args.num_scheduler_steps > 1:
             self.decode_loop = DecodeLoop(self.runner, args.max_num_seqs, self.max_model_len,
                                           args.num_scheduler_steps, args.batching == "vanilla", cuda_graphs)
@@ -180,6 +190,10 @@ class LLMEngine:
                 self.scheduler.remove(seq)
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = "abort"
+        flight = self._flight
+        if flight is not None and all(seq.finished for seq in flight.seqs):
+            self.decode_loop.collect(flight.handle, len(flight.seqs))     # nothing left to take from it
+            self._flight = None
         self._record(self._stats())      # no tick may follow: publish the freed pages now
 
     def has_unfinished_requests(self) -> bool:
@@ -201,9 +215,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One tick, or, when the decode loop applies, several ticks run on the device."""
         if self.decode_loop is not None:
+            if self._flight is not None:
+                return self._loop_continue()
             steps = self._loop_steps()
             if steps > 1 and self.blocks.reserve_ahead([s.seq_id for s in self.scheduler.running], steps):
-                return self._loop_step(steps)
+                return self._loop_start(steps)
         stats = self._stats()
         sched, runner = self.scheduler, self.runner
         reserved = sum(runner.block_pages_needed(self._in_block()).values())
@@ -252,17 +268,58 @@ class LLMEngine:
             return 0          # every row holds a pool slot for the whole loop
         return steps
 
-    def _loop_step(self, steps: int) -> list[RequestOutput]:
+    def _loop_start(self, steps: int) -> list[RequestOutput]:
+        """Load the running sequences into the decode loop and launch `steps` ticks."""
         seqs = list(self.scheduler.running)
-        loop = self.decode_loop
-        loop.load(seqs)
-        out = loop.run(steps, len(seqs))
-        for seq, lengths in zip(seqs, out.lengths.tolist()):
-            self.blocks.commit_lengths(seq.seq_id, lengths)
-        generated = [0] * steps
+        self.decode_loop.load(seqs)
+        self._flight = LoopFlight(seqs, steps, self.decode_loop.launch(steps))
+        return self._loop_continue()
+
+    def _loop_continue(self) -> list[RequestOutput]:
+        """Collect the loop in flight. When nothing stands in the way (no sequence ended or was
+        aborted, nothing admissible waiting, pages and context for two more loops), the next loop
+        is launched first, so the device computes it while the host handles this one's tokens;
+        otherwise the state comes back to the per-tick engine."""
+        flight, loop = self._flight, self.decode_loop
+        chained = None
+        if self._can_chain(flight):
+            loop.refresh_tables(flight.seqs)
+            chained = loop.launch(flight.steps)
+        out = loop.collect(flight.handle, len(flight.seqs))
+        touched = self._take_tokens(flight.seqs, out, trim=chained is None)
+        if chained is not None and any(seq.finished for seq in flight.seqs):
+            out = loop.collect(chained, len(flight.seqs))            # drain: its rows finish idle
+            touched |= self._take_tokens(flight.seqs, out, trim=True)
+            chained = None
+        if chained is not None:
+            self._flight = LoopFlight(flight.seqs, flight.steps, chained)
+        else:
+            for b, seq in enumerate(flight.seqs):
+                if not seq.finished:
+                    self._take_back(seq, out, b)
+            self._flight = None
+        return self._outputs(touched)
+
+    def _can_chain(self, flight: "LoopFlight") -> bool:
+        """Pages are reserved relative to the lengths the host knows, which lag the device by the
+        loop in flight: the next loop needs room for two loops' entries."""
+        seqs, steps = flight.seqs, flight.steps
+        if any(seq.finished for seq in seqs) or (self.scheduler.waiting and len(seqs) < self.args.max_num_seqs):
+            return False
+        if any(self.max_model_len - len(seq.token_ids) < 2 * steps for seq in seqs):
+            return False
+        return self.blocks.reserve_ahead([seq.seq_id for seq in seqs], 2 * steps)
+
+    def _take_tokens(self, seqs: list[Sequence], out: LoopOutput, trim: bool) -> set[Request]:
+        """A finished loop's tokens, sequence by sequence, and its KV lengths; publishes one
+        TickStats per tick. Sequences that ended (or were aborted) before are skipped."""
+        generated = [0] * len(out.tokens)
         touched: set[Request] = set()
-        rows = zip(seqs, out.tokens.T.tolist(), out.depths.T.tolist(), out.logprobs.T.tolist())
-        for seq, tokens, depths, logprobs in rows:
+        rows = zip(seqs, out.lengths.tolist(), out.tokens.T.tolist(), out.depths.T.tolist(), out.logprobs.T.tolist())
+        for seq, lengths, tokens, depths, logprobs in rows:
+            if seq.finished:
+                continue
+            self.blocks.commit_lengths(seq.seq_id, lengths, trim)
             ticks = [k for k, token in enumerate(tokens) if token >= 0]
             kept = self._append_burst(seq, [tokens[k] for k in ticks], [depths[k] for k in ticks],
                                       [logprobs[k] for k in ticks])
@@ -270,12 +327,9 @@ class LLMEngine:
                 generated[k] += 1
             if kept:
                 touched.add(seq.request)
-        for k in range(steps):
-            self._record(self._loop_tick_stats(out, k, generated[k]))
-        for b, seq in enumerate(seqs):
-            if not seq.finished:
-                self._take_back(seq, out, b)
-        return self._outputs(touched)
+        for k, count in enumerate(generated):
+            self._record(self._loop_tick_stats(out, k, count))
+        return touched
 
     def _loop_tick_stats(self, out: LoopOutput, k: int, generated: int) -> TickStats:
         stats = self._stats()
@@ -481,5 +535,6 @@ class LLMEngine:
 
     def check_no_leak(self) -> bool:
         """True when nothing is in flight and every KV page and pool row is free."""
-        return (self.blocks.all_free() and not self.scheduler.running and not self.scheduler.waiting
+        return (self._flight is None and self.blocks.all_free() and not self.scheduler.running
+                and not self.scheduler.waiting
                 and self.runner.num_free_slots == self.runner.pool_size)
