@@ -360,7 +360,8 @@ def test_abort_publishes_fresh_stats_without_a_tick():
 
 @pytest.mark.parametrize("batching", ["depthwise", "vanilla"])
 @pytest.mark.parametrize("router, kv_mode, nr", [("expert", "recursion", 3), ("token", "share_first", 3),
-                                                 ("expert", "share_first", 4), (None, "recursion", 1)])
+                                                 ("token", "recursion", 4), ("expert", "share_first", 4),
+                                                 (None, "recursion", 1)])
 def test_multi_step_decode_loop_matches_reference(batching, router, kv_mode, nr):
     """num_scheduler_steps > 1: greedy decoding runs several ticks per step() with the state on the
     device; tokens and depths must still be the reference's, stop tokens must cut the burst, and

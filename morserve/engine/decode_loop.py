@@ -107,6 +107,16 @@ class DecodeLoop:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # ---- host side ----------------------------------------------------------------------------
+    def entries_bound(self, ticks: int) -> list[int]:
+        """The most K/V entries one row can write per cache stage in `ticks` ticks. Stage 0: one
+        token per tick. Depth-wise, a token spends one tick per recursion and the next token
+        enters after it left, so a row's writes at depth d are at least d ticks apart:
+        ceil(ticks / d). Depth-synchronous ticks take a token through every depth: ticks."""
+        stages = len(self.blocks.layers_per_stage)
+        if self.depth_sync or self.mor.kv_mode == "share_first":
+            return [ticks] * stages
+        return [ticks] + [-(-ticks // d) for d in range(1, stages)]
+
     def load(self, seqs: list[Sequence]) -> None:
         """Copy the sequences' decode state into rows 0..len(seqs)-1. A sequence without a chunk
         in flight gets one for its pending token (holding a pool slot, depth 0). Block tables go

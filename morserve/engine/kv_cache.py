@@ -109,17 +109,18 @@ class BlockManager:
         cache.length += new_entries
         return start
 
-    def reserve_ahead(self, seq_ids: list[int], new_entries: int) -> bool:
-        """Allocate pages so that every stage of every listed sequence can take `new_entries` more
+    def reserve_ahead(self, seq_ids: list[int], new_entries: list[int]) -> bool:
+        """Allocate pages so that stage s of every listed sequence can take new_entries[s] more
         entries, without reserving the entries (the device decode loop writes them and reports the
         lengths through commit_lengths). All or nothing: False when the free pages fall short."""
         plan, total, bs, get = [], 0, self.block_size, self.tables.get
-        stages = [(stage, layers) for stage, layers in enumerate(self.layers_per_stage) if layers]
+        stages = [(stage, layers, new_entries[stage]) for stage, layers in enumerate(self.layers_per_stage)
+                  if layers and new_entries[stage]]
         for seq_id in seq_ids:
-            for stage, layers in stages:
+            for stage, layers, entries in stages:
                 cache = get((seq_id, stage))
-                blocks = (-(-(cache.length + new_entries) // bs) - cache.num_blocks if cache
-                          else -(-new_entries // bs))
+                blocks = (-(-(cache.length + entries) // bs) - cache.num_blocks if cache
+                          else -(-entries // bs))
                 if blocks > 0:
                     plan.append((seq_id, stage, blocks))
                     total += blocks * layers

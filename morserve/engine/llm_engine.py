@@ -218,7 +218,8 @@ class LLMEngine:
             if self._flight is not None:
                 return self._loop_continue()
             steps = self._loop_steps()
-            if steps > 1 and self.blocks.reserve_ahead([s.seq_id for s in self.scheduler.running], steps):
+            if steps > 1 and self.blocks.reserve_ahead([s.seq_id for s in self.scheduler.running],
+                                                       self.decode_loop.entries_bound(steps)):
                 return self._loop_start(steps)
         stats = self._stats()
         sched, runner = self.scheduler, self.runner
@@ -308,7 +309,7 @@ class LLMEngine:
             return False
         if any(self.max_model_len - len(seq.token_ids) < 2 * steps for seq in seqs):
             return False
-        return self.blocks.reserve_ahead([seq.seq_id for seq in seqs], 2 * steps)
+        return self.blocks.reserve_ahead([seq.seq_id for seq in seqs], self.decode_loop.entries_bound(2 * steps))
 
     def _take_tokens(self, seqs: list[Sequence], out: LoopOutput, trim: bool) -> set[Request]:
         """A finished loop's tokens, sequence by sequence, and its KV lengths; publishes one
