@@ -132,12 +132,13 @@ class EngineMeter:
     def _on_tick(self, stats: TickStats) -> None:
         self.ticks += 1
         self.output_tokens += stats.num_generated_tokens
-        layers = self.blocks.layers_per_stage
-        entries = [0] * len(layers)
+        layers, block_size = self.blocks.layers_per_stage, self.blocks.block_size
+        entries, blocks = [0] * len(layers), [0] * len(layers)
         for (_, stage), cache in self.blocks.tables.items():
             entries[stage] += cache.length
+            blocks[stage] += -(-cache.length // block_size)
         if entries[0]:                      # every cached token has a stage-0 entry
-            pages = [stats.kv_blocks_used.get(s, 0) * layers[s] * self.page_bytes for s in range(len(layers))]
+            pages = [blocks[s] * layers[s] * self.page_bytes for s in range(len(layers))]
             used = [entries[s] * layers[s] * self.entry_bytes for s in range(len(layers))]
             for key, value in (("all", sum(pages)), ("block", sum(pages[1:])),
                                ("entries_all", sum(used)), ("entries_block", sum(used[1:]))):
@@ -145,7 +146,8 @@ class EngineMeter:
             self.kv_tokens_sum += entries[0]
 
     def kv_per_token(self) -> dict[str, float]:
-        """KV bytes per cached token, averaged over ticks: `all` / `block` = pages held (all layers /
+        """KV bytes per cached token, averaged over ticks: `all` / `block` = pages the entries occupy
+        (rounded up to whole pages; pages the decode loop reserves ahead are not counted) (all layers /
         shared-block layers); `entries_*` = the same without page round-up."""
         return {k: v / self.kv_tokens_sum if self.kv_tokens_sum else 0.0 for k, v in self.kv_sums.items()}
 

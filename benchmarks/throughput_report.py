@@ -13,7 +13,7 @@ MODE_TEXT = {"seq-wise": "vanilla Transformer, continuous sequence-wise batching
              "depth-wise": "MoR, continuous depth-wise batching",
              "hf-generate": "Hugging Face transformers generate (static batches)"}
 SETTINGS = ("fixed", "relative", "memory")
-KV_LABELS = {"all": "whole model, pages held", "block": "shared-block layers, pages held",
+KV_LABELS = {"all": "whole model, pages occupied", "block": "shared-block layers, pages occupied",
              "entries_all": "whole model, entries (no page round-up)",
              "entries_block": "shared-block layers, entries (no page round-up)"}
 
