@@ -70,7 +70,7 @@ def test_draws_follow_the_truncated_distribution(params):
     counts = torch.bincount(torch.tensor([s.token for s in sample(logits.expand(n, V), rows)]), minlength=V)
     assert (counts[want == 0] == 0).all(), f"seed {seed}: drew an excluded token"
     freq = counts.double() / n
-    tol = 4 * torch.sqrt(want * (1 - want) / n) + 1e-3        # 4 sigma per token
+    tol = 5 * torch.sqrt(want * (1 - want) / n) + 1e-3        # 5 sigma per token: ~1e-4 false alarms per run
     assert ((freq - want).abs() <= tol).all(), f"seed {seed}: {freq} vs {want}"
 
 
