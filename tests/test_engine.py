@@ -101,6 +101,8 @@ def test_block_batch_holds_several_depths():
     assert mixed >= 5, "depth-wise ticks never mixed depths"
     assert sum(engine.total_depth_token_ticks[1:]) > 0
     assert engine.check_no_leak()
+    idle = engine.last_tick            # falling idle publishes a zero-work snapshot for the gauges
+    assert idle.num_block_tokens == 0 and idle.num_running == 0 and idle.kv_usage == 0
 
 
 def test_vanilla_mode_runs_depths_in_order_within_a_tick():

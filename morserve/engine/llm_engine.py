@@ -213,7 +213,15 @@ class LLMEngine:
         return TickStats(depth_occupancy=[0] * nr, exits_per_depth=[0] * nr)
 
     def step(self) -> list[RequestOutput]:
-        """One tick, or, when the decode loop applies, several ticks run on the device."""
+        """One tick, or, when the decode loop applies, several ticks run on the device. When the
+        engine falls idle, a zero-work TickStats follows the last tick's (no tick may follow it,
+        and per-tick gauges must not keep the last tick's load)."""
+        outputs = self._step()
+        if not self.requests:
+            self._record(self._stats())
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if self.decode_loop is not None:
             if self._flight is not None:
                 return self._loop_continue()
