@@ -404,3 +404,59 @@ def test_load_pretrained_sources_and_errors(tmp_path, monkeypatch):
     (tmp_path / "ref" / "other.yaml").write_text(config_path.read_text())
     with pytest.raises(CheckpointError, match=r"exactly one training config .*\['other.yaml', 'train.yaml'\]"):
         load_pretrained(tmp_path / "ref")
+
+
+# ---- Hugging Face Llama directories ----------------------------------------------------------------
+def _hf_names(state: dict, num_layers: int) -> dict:
+    """Our vanilla-layout names -> HF Llama names (the inverse of the loader's mapping, spelled out)."""
+    out = {}
+    for key, value in state.items():
+        part, _, rest = key.partition(".")
+        if part in ("prologue", "block", "epilogue"):
+            index, _, rest = rest.partition(".")
+            layer = {"prologue": 0, "epilogue": num_layers - 1}.get(part, int(index) + 1)
+            out[f"model.layers.{layer}.{rest}"] = value
+        elif part in ("embed_tokens", "norm"):
+            out[f"model.{key}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hf_llama_directory_loads_as_a_vanilla_model(tmp_path, sharded):
+    cfg = ModelConfig(vocab_size=90, hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    original = MoRModel(cfg).init_weights(seed=int(torch.randint(0, 1 << 30, (1,))), std=0.3).eval()
+    hf = _hf_names(original.state_dict(), cfg.num_hidden_layers)
+    hf["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)       # some versions saved it
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+              "vocab_size": 90, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 5,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": cfg.rms_norm_eps,
+              "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
+              "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = {k: v.contiguous() for k, v in hf.items()}
+    if sharded:
+        keys = sorted(tensors)
+        halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for name, part in halves.items():
+            save_file({k: tensors[k] for k in part}, str(tmp_path / name))
+        index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file(tensors, str(tmp_path / "model.safetensors"))
+    loaded = load_pretrained(tmp_path).model
+    assert loaded.config.mor.num_recursions == 1 and not loaded.config.tie_word_embeddings
+    ids = torch.randint(0, 90, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(reference_forward(loaded, ids).logits, reference_forward(original, ids).logits)
+
+    config["hidden_act"] = "gelu"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="hidden_act"):
+        load_pretrained(tmp_path)
+    config.update(hidden_act="silu", rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="rope_scaling"):
+        load_pretrained(tmp_path)

