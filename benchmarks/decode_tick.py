@@ -118,7 +118,8 @@ def time_loop_tick(engine: LLMEngine, repeats: int) -> float:
     """Seconds per decode-loop tick replayed alone (state keeps advancing; the engine is thrown
     away afterwards): a whole decode tick as one device program, no host work in between."""
     loop = engine.decode_loop
-    run = loop.graph.replay if loop.graph is not None else loop._tick
+    graph = loop.graphs.get(loop.sampling)
+    run = graph.replay if graph is not None else (lambda: loop._tick(loop.sampling))
     with torch.inference_mode():
         synchronize(engine.runner.device)
         start = time.perf_counter()

@@ -478,3 +478,23 @@ def test_chained_decode_loops_survive_aborts_and_arrivals():
     engine.abort_request("x")
     engine.abort_request("y")
     assert engine.check_no_leak()
+
+
+def test_decode_loop_samples_the_per_tick_engines_tokens():
+    """Temperature sampling inside the device loop uses the sampler's own counter-based draws:
+    seeded requests get exactly the tokens of the one-tick engine."""
+    model = tiny_model("expert", "recursion", 3, seed=13, std=0.15)   # flatter logits: real draws
+    requests = [(f"s{i}", [2 + i, 7, 1], SamplingParams(max_tokens=20, temperature=0.9, seed=40 + i,
+                                                        ignore_eos=True)) for i in range(5)]
+    requests.append(("g", [3, 3, 3], SamplingParams(max_tokens=20, **GREEDY)))
+    plain = run_to_completion(make_engine(model), {0: list(requests)})
+    engine = make_engine(model, num_scheduler_steps=4)
+    launches, launch = [], engine.decode_loop.launch
+    engine.decode_loop.launch = lambda *a: launches.append(engine.decode_loop.sampling) or launch(*a)
+    looped = run_to_completion(engine, {0: list(requests)})
+    assert launches and all(launches), "the loop never sampled"
+    for rid, _, _ in requests:
+        assert looped[rid].outputs[0].token_ids == plain[rid].outputs[0].token_ids, rid
+    greedy = run_to_completion(make_engine(model), {0: [("g0", [2, 7, 1], SamplingParams(max_tokens=20, **GREEDY))]})
+    assert looped["s0"].outputs[0].token_ids != greedy["g0"].outputs[0].token_ids, "no real draw happened"
+    assert engine.check_no_leak()

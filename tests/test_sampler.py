@@ -1,5 +1,6 @@
 """The batched sampler against straightforward per-row references: penalties, truncation
-distributions, row independence, logprobs, and rows that overflow or have nothing to sample."""
+distributions, row independence, logprobs, rows that overflow or have nothing to sample, and the
+counter-based uniform numbers against a plain-Python hash."""
 
 from __future__ import annotations
 
@@ -9,15 +10,14 @@ import random
 import pytest
 import torch
 
-from morserve.engine.sampler import SamplingRow, apply_penalties, prompt_logprobs, sample
+from morserve.engine.sampler import SamplingRow, apply_penalties, as_int64, counter_uniform, prompt_logprobs, sample
 from morserve.engine.sampling_params import SamplingParams
 
 V = 50
 
 
-def _row(seed: int | None = None, prompt=(), output=(), banned=(), **params) -> SamplingRow:
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SamplingRow(SamplingParams(**params), list(prompt), list(output), list(banned), gen)
+def _row(seed: int = 0, prompt=(), output=(), banned=(), position: int = 5, **params) -> SamplingRow:
+    return SamplingRow(SamplingParams(**params), list(prompt), list(output), list(banned), seed, position)
 
 
 def _reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -122,3 +122,25 @@ def test_prompt_logprobs_report_target_and_top():
         want = {**dict(zip(top.indices.tolist(), top.values.tolist())), target: float(raw[i, target])}
         assert entry.keys() == want.keys()
         assert all(math.isclose(entry[k], want[k], rel_tol=1e-6) for k in want)
+
+
+def _lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_counter_uniform_is_the_plain_hash_and_uniform():
+    rng = random.Random()
+    seeds = [rng.randrange(1 << 64) for _ in range(64)] + [0, (1 << 64) - 1, 1 << 63]
+    positions = [rng.randrange(1 << 20) for _ in seeds]
+    got = counter_uniform(torch.tensor([as_int64(s) for s in seeds]), torch.tensor(positions))
+    for u, seed, pos in zip(got.tolist(), seeds, positions):
+        h = _lowbias32(_lowbias32(seed >> 32 ^ _lowbias32(pos)) ^ (seed & 0xFFFFFFFF))
+        assert u == (h >> 8) / float(1 << 24)
+    many = counter_uniform(torch.full((20000,), as_int64(rng.randrange(1 << 64))), torch.arange(20000))
+    assert 0 <= float(many.min()) and float(many.max()) < 1
+    counts = torch.histc(many, bins=10, min=0, max=1)
+    assert ((counts - 2000).abs() < 200).all(), counts           # ~4.7 sigma per bin

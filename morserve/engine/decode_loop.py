@@ -1,15 +1,17 @@
-"""Multi-step greedy decoding with the batch state on the device (vLLM's num_scheduler_steps).
+"""Multi-step decoding with the batch state on the device (vLLM's num_scheduler_steps).
 
-When every running sequence is decoding greedily (no prompt work in flight, nothing admissible
-waiting, no penalties, bans or top-N logprobs), the engine hands K ticks to this loop. The state of
+When every running sequence decodes greedily or by plain temperature sampling (no prompt work in
+flight, nothing admissible waiting, no penalties, bans, truncation or top-N logprobs), the engine
+hands K ticks to this loop. The state of
 each sequence's token in flight (token id, position, recursion depth, pool slot, per-stage KV
 lengths, block tables) lives in device tensors with one row per sequence, and one tick is the
 engine's tick over all rows, with masks instead of Python bookkeeping:
 1. prologue for rows whose sampled token has not entered the model yet (depth 0);
 2. one shared-block pass over the rows in the block, at mixed depths (depth-synchronous batching:
    Nr passes, so that every row leaves the block within the tick);
-3. epilogue, LM head and greedy argmax for the rows that left the block; their next token is
-   recorded in the tick's output row and enters the prologue in the next tick.
+3. epilogue, LM head and the sampler's own greedy argmax or counter-based draw (temperature, no
+   truncation) for the rows that left the block; their next token is recorded in the tick's
+   output row and enters the prologue in the next tick.
 Rows that take no part in a phase point at the pool's scratch row and write no K/V, so every tick
 has the same shapes: on CUDA the tick is captured once as a CUDA graph and replayed K times.
 Before the loop the host reserves pages for K more entries per stage; after it, the host reads the
@@ -25,10 +27,12 @@ import torch
 
 import kernels
 from morserve.engine.block_pass import DEPTH, ENTRY, GROUP, KV_LEN, NUM_FIELDS, POSITION, SLOT, TARGET
+from morserve.engine.sampler import as_int64, counter_uniform, draw, scale_logits
 from morserve.engine.sequence import Chunk, Sequence
 from morserve.model.routing import token_choice
 
-SLOT_ROW, LIVE_ROW = 4, 5      # rows of the host field mirror: token, position, depth, target, slot, live
+# rows of the host field mirror: token, position, depth, target, slot, live, seed
+SLOT_ROW, LIVE_ROW, SEED_ROW = 4, 5, 6
 _STEP_OUTPUTS = ("out_tokens", "out_depths", "out_logprobs", "out_occupancy", "out_exits", "out_prologue")
 _ROW_STATE = ("depth", "position", "target", "lengths")
 
@@ -76,6 +80,8 @@ class DecodeLoop:
             self.token, self.position = torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long)
             self.depth, self.target = torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long)
             self.slot = torch.full((max_seqs,), runner.pool_size, **long)
+            self.seed = torch.zeros(max_seqs, **long)
+            self.temperature = torch.zeros(max_seqs, dtype=torch.float32, device=dev)
             self.live = torch.zeros(max_seqs, dtype=torch.bool, device=dev)
             self.lengths = torch.zeros(max_seqs, stages, **long)
             self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
@@ -92,7 +98,8 @@ class DecodeLoop:
         # host mirrors of the loaded state (pinned on CUDA; the next load comes after run()'s
         # read-back, so the asynchronous copies out of them have finished by then)
         pin = dev.type == "cuda"
-        self._fields_pinned = torch.zeros(LIVE_ROW + 1, max_seqs, dtype=torch.long, pin_memory=pin)
+        self._fields_pinned = torch.zeros(SEED_ROW + 1, max_seqs, dtype=torch.long, pin_memory=pin)
+        self._temperatures_pinned = torch.zeros(max_seqs, dtype=torch.float32, pin_memory=pin)
         self._lengths_pinned = torch.zeros(max_seqs, stages, dtype=torch.long, pin_memory=pin)
         self._tables_pinned = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, pin_memory=pin)
         self._fields_host = self._fields_pinned.numpy()
@@ -104,7 +111,8 @@ class DecodeLoop:
                                              pin_memory=pin) for name in _STEP_OUTPUTS + _ROW_STATE}
                           for _ in range(2)]
         self._next_buffer = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.sampling = False          # some row draws at random: the tick computes the draw
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}      # one captured tick per `sampling`
 
     # ---- host side ----------------------------------------------------------------------------
     def entries_bound(self, ticks: int) -> list[int]:
@@ -129,6 +137,8 @@ class DecodeLoop:
         fields[LIVE_ROW, :n] = 1
         lengths, stage_caches = self._lengths_host, self.blocks.tables
         lengths[:] = 0
+        temperatures = self._temperatures_pinned.numpy()
+        temperatures[:] = 0.0
         for b, seq in enumerate(seqs):
             chunk = seq.chunk
             if chunk is None:
@@ -137,15 +147,20 @@ class DecodeLoop:
                                           slots=self.runner.alloc_slots(1), depth=0)
             target = chunk.target_depth[0] if chunk.target_depth is not None else 0
             fields[:LIVE_ROW, b] = (chunk.token_ids[0], chunk.start, chunk.depth, target, chunk.slots[0])
+            fields[SEED_ROW, b] = as_int64(seq.seed)
+            temperatures[b] = seq.request.params.temperature
             for stage in range(len(layers_per_stage)):
                 cache = stage_caches.get((seq.seq_id, stage))
                 lengths[b, stage] = cache.length if cache is not None else 0
+        self.sampling = bool(temperatures[:n].any())
         self.refresh_tables(seqs)
         with torch.inference_mode():
             device_fields = self._fields_pinned.to(self.token.device, non_blocking=True)
             for row, name in enumerate(("token", "position", "depth", "target", "slot")):
                 getattr(self, name).copy_(device_fields[row])
             self.live.copy_(device_fields[LIVE_ROW].bool())
+            self.seed.copy_(device_fields[SEED_ROW])
+            self.temperature.copy_(self._temperatures_pinned, non_blocking=True)
             self.lengths.copy_(self._lengths_pinned, non_blocking=True)
 
     def refresh_tables(self, seqs: list[Sequence]) -> None:
@@ -173,13 +188,14 @@ class DecodeLoop:
         pinned host buffers; returns at once on CUDA (collect() waits)."""
         with torch.inference_mode():
             self.step.zero_()
-            if self.capture and self.graph is None:
-                self._capture()
+            if self.capture and self.sampling not in self.graphs:
+                self._capture(self.sampling)
+            graph = self.graphs.get(self.sampling)
             for _ in range(steps):
-                if self.graph is not None:
-                    self.graph.replay()
+                if graph is not None:
+                    graph.replay()
                 else:
-                    self._tick()
+                    self._tick(self.sampling)
             buffer = self._readback[self._next_buffer]
             self._next_buffer ^= 1
             for name in _STEP_OUTPUTS:
@@ -204,7 +220,7 @@ class DecodeLoop:
                           depth=per_row("depth"), position=per_row("position"), target=per_row("target"),
                           lengths=per_row("lengths"))
 
-    def _capture(self) -> None:
+    def _capture(self, sampling: bool) -> None:
         """Capture one tick. Warm-up and capture run with every row inert (live = False), so they
         touch only the scratch row; the live mask is restored afterwards."""
         live = self.live.clone()
@@ -212,12 +228,12 @@ class DecodeLoop:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._tick()
+            self._tick(sampling)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._tick()
-        self.graph = graph
+            self._tick(sampling)
+        self.graphs[sampling] = graph
         self.live.copy_(live)
         self.step.zero_()
 
@@ -234,7 +250,7 @@ class DecodeLoop:
     def _record(self, out: torch.Tensor, values: torch.Tensor) -> None:
         out.index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
 
-    def _tick(self) -> None:
+    def _tick(self, sampling: bool) -> None:
         runner, model, mor = self.runner, self.model, self.mor
         nr, scratch = mor.num_recursions, runner.pool_size
         cos, sin = model.rope(self.position, runner.dtype)
@@ -282,8 +298,13 @@ class DecodeLoop:
         h = kernels.gather_rows(runner.hidden, torch.where(left, self.slot, scratch))
         h = self._stage0(model.epilogue, len(model.prologue), h, left, cos, sin)
         logits = model.logits(h).float()
-        token = logits.argmax(dim=-1)
-        self._record(self.out_tokens, torch.where(left, token, -1))
+        scaled = scale_logits(logits, self.temperature)            # the sampler's own steps
+        token = scaled.argmax(dim=-1)
+        if sampling:
+            drawn = draw(torch.softmax(scaled, dim=-1), counter_uniform(self.seed, self.position + 1))
+            token = torch.where(self.temperature > 0, drawn, token)
+        valid = torch.isfinite(scaled).any(dim=-1)                 # else -2: the host fails the row
+        self._record(self.out_tokens, torch.where(left, torch.where(valid, token, -2), -1))
         self._record(self.out_depths, exit_depth)
         self._record(self.out_logprobs, torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1))
         self.token.copy_(torch.where(left, token, self.token))

@@ -144,7 +144,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(params.n):
-            seq = Sequence(next(self._seq_ids), req, i, list(ids), self._generator(params, i))
+            seq = Sequence(next(self._seq_ids), req, i, list(ids), self._seed(params, i))
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -166,14 +166,12 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         return text, ids
 
-    def _generator(self, params: SamplingParams, index: int) -> torch.Generator:
-        """Completion `index`'s generator: from the request's seed (any integer, reduced mod 2**64)
-        or, unseeded, from the engine's own generator."""
+    def _seed(self, params: SamplingParams, index: int) -> int:
+        """Completion `index`'s sampling seed: from the request's seed (any integer, reduced mod
+        2**64) or, unseeded, drawn from the engine's own generator."""
         if params.seed is not None:
-            seed = (params.seed * 1_000_003 + index) % 2**64
-        else:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
-        return torch.Generator().manual_seed(seed)
+            return (params.seed * 1_000_003 + index) % 2**64
+        return int(torch.randint(0, 2**62, (1,), generator=self._rng))
 
     def _banned_ids(self, params: SamplingParams) -> list[int]:
         """Tokens that may not be sampled before min_tokens: EOS (unless ignore_eos) and stop ids."""
@@ -255,8 +253,9 @@ class LLMEngine:
 
     # ---- multi-step greedy decoding on the device -----------------------------------------------
     def _loop_steps(self) -> int:
-        """Ticks the decode loop may run now: 0 unless every running sequence decodes greedily
-        (single-token chunks, no penalties, bans or top-N logprobs) and no waiting request could
+        """Ticks the decode loop may run now: 0 unless every running sequence decodes greedily or by
+        plain temperature sampling (single-token chunks, no penalties, bans, truncation or top-N
+        logprobs) and no waiting request could
         be admitted; at most what the context leaves every sequence. A sequence that reaches
         max_tokens or a stop inside the loop keeps its row busy to the end of the loop, and the
         tokens past its end are dropped."""
@@ -265,7 +264,8 @@ class LLMEngine:
             return 0
         for seq in seqs:
             p = seq.request.params
-            if (not p.greedy or p.logprobs not in (None, 0) or p.repetition_penalty != 1.0
+            truncates = p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0
+            if (truncates or p.logprobs not in (None, 0) or p.repetition_penalty != 1.0
                     or p.presence_penalty or p.frequency_penalty or len(seq.output_ids) < p.min_tokens):
                 return 0
             chunk = seq.chunk
@@ -329,7 +329,7 @@ class LLMEngine:
             if seq.finished:
                 continue
             self.blocks.commit_lengths(seq.seq_id, lengths, trim)
-            ticks = [k for k, token in enumerate(tokens) if token >= 0]
+            ticks = [k for k, token in enumerate(tokens) if token != -1]
             kept = self._append_burst(seq, [tokens[k] for k in ticks], [depths[k] for k in ticks],
                                       [logprobs[k] for k in ticks])
             for k in ticks[:kept]:
@@ -425,7 +425,8 @@ class LLMEngine:
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.request.params
         banned = self._banned_ids(params) if len(seq.output_ids) < params.min_tokens else []
-        return SamplingRow(params, seq.request.prompt_token_ids, seq.output_ids, banned, seq.generator)
+        return SamplingRow(params, seq.request.prompt_token_ids, seq.output_ids, banned, seq.seed,
+                           len(seq.token_ids))
 
     def _append_token(self, seq: Sequence, result: Sampled | None, depth: int) -> None:
         if result is None:      # nothing left to sample (non-finite logits): fail this sequence only
@@ -443,12 +444,15 @@ class LLMEngine:
         self._retire_if_finished(seq)
 
     def _append_burst(self, seq: Sequence, tokens: list[int], depths: list[int], logprobs: list[float]) -> int:
-        """The decode loop's greedy tokens for one sequence, in order, up to its first stop (EOS,
-        a stop token id, max_tokens, the context), with the stop rules of _check_stop; the rest
-        are dropped. Stop strings need the text after every token: those go one by one. Returns
-        how many tokens were kept."""
+        """The decode loop's tokens for one sequence, in order, up to its first stop (EOS, a stop
+        token id, max_tokens, the context), with the stop rules of _check_stop; the rest are
+        dropped. Stop strings need the text after every token: those go one by one. A -2 marks a
+        row that had no finite logit: the sequence fails there. Returns how many tokens were kept."""
         params = seq.request.params
         with_top = params.logprobs == 0
+        failed = next((i for i, token in enumerate(tokens) if token < 0), None)
+        if failed is not None:
+            tokens, depths, logprobs = tokens[:failed], depths[:failed], logprobs[:failed]
         if params.stop:
             kept = 0
             for token, depth, logprob in zip(tokens, depths, logprobs):
@@ -456,7 +460,16 @@ class LLMEngine:
                     break
                 self._append_token(seq, Sampled(token, logprob, {token: logprob} if with_top else None), depth)
                 kept += 1
-            return kept
+        else:
+            kept = self._append_checked(seq, tokens, depths, logprobs, with_top)
+        if failed is not None and not seq.finished:
+            self._append_token(seq, None, 0)
+        return kept
+
+    def _append_checked(self, seq: Sequence, tokens: list[int], depths: list[int], logprobs: list[float],
+                        with_top: bool) -> int:
+        """Append tokens up to the first EOS / stop token id / max_tokens / context end, at once."""
+        params = seq.request.params
         room = min(params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
         kept, reason, stop = len(tokens), None, None
         if room <= kept:

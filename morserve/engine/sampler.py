@@ -1,7 +1,9 @@
 """Turns a batch of logits rows into next tokens, on the logits' device, in a fixed number of
 batched operations: penalties, banned tokens (min_tokens), temperature, top-k / min-p / top-p, then
-greedy argmax or an inverse-CDF draw with one uniform number from the row's own generator. Every
-operation is row-wise, so a seeded request samples the same tokens whatever else shares its batch.
+greedy argmax or an inverse-CDF draw. The draw's uniform number is a hash of the sequence's seed
+and the position of the token being drawn (counter-based, no generator state), so a seeded request
+samples the same tokens whatever else shares its batch, after a preemption, and whether the engine
+or the device decode loop (decode_loop.py, which calls the same functions) drew them.
 
 Overflow is tamed rather than propagated: logits pushed to +inf (a tiny repetition penalty, a tiny
 temperature) become the largest finite float, NaN becomes -inf. A row left with no finite logit
@@ -27,7 +29,8 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     banned: list[int]                      # never chosen (EOS / stop ids before min_tokens)
-    generator: torch.Generator | None      # CPU generator: one uniform per random draw
+    seed: int                              # the sequence's sampling seed, in [0, 2**64)
+    position: int                          # index of the token being drawn in the sequence
 
 
 @dataclass
@@ -92,18 +95,57 @@ def _truncate_sorted(sorted_p: torch.Tensor, rows: list[SamplingRow]) -> torch.T
     return torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
 
 
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) of int64 values in [0, 2**32), exact on every device
+    (products wrap in int64 and are masked back to 32 bits)."""
+    mask = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & mask
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & mask
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) float32 per row from int64 seeds (two's complement of [0, 2**64)) and positions:
+    24 bits of a hash of (seed, position), so the host and the device get the same numbers."""
+    mask = 0xFFFFFFFF
+    h = _hash32(positions & mask)
+    h = _hash32(((seeds >> 32) & mask) ^ h)
+    h = _hash32((seeds & mask) ^ h)
+    return (h >> 8).to(torch.float32) / float(1 << 24)
+
+
+def as_int64(seed: int) -> int:
+    """A seed in [0, 2**64) as the int64 with the same bits."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def scale_logits(x: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """x / T per row (T = 0, greedy, divides by 1), overflow tamed: NaN -> -inf, +inf -> max."""
+    t = torch.where(temperatures > 0, temperatures, torch.ones_like(temperatures))
+    return (x / t[:, None]).nan_to_num_(nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                                        neginf=float("-inf"))
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: per row, the first token (vocabulary order) whose cumulative probability
+    exceeds u * total."""
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    return pick.squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
 def _draw(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Random rows: softmax(x / T), truncation, then the token (in vocabulary order) where the
-    row's cumulative probability first exceeds u * total, u ~ U[0, 1) from the row's generator.
-    The draw is the same computation for a row whatever the other rows ask for."""
+    """Random rows (x already scaled): softmax, truncation, then the counter-based draw. The same
+    computation for a row whatever the other rows ask for."""
     probs = torch.softmax(x, dim=-1)
     if any(r.params.top_k > 0 or r.params.min_p > 0 or r.params.top_p < 1.0 for r in rows):
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
         probs = torch.zeros_like(probs).scatter_(1, order, _truncate_sorted(sorted_p, rows))
-    u = torch.cat([torch.rand(1, generator=row.generator) for row in rows]).to(x.device)
-    cdf = probs.cumsum(-1)
-    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
-    return pick.squeeze(1).clamp_(max=x.shape[1] - 1)
+    seeds = torch.tensor([as_int64(r.seed) for r in rows], device=x.device)
+    positions = torch.tensor([r.position for r in rows], device=x.device)
+    return draw(probs, counter_uniform(seeds, positions))
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None]:
@@ -114,9 +156,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     x = apply_penalties(logits.clone(), rows)
     _ban(x, rows)
-    temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows], device=dev)
-    x = (x / temps[:, None]).nan_to_num_(nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
-                                                      neginf=float("-inf"))
+    x = scale_logits(x, torch.tensor([r.params.temperature for r in rows], device=dev))
     valid = torch.isfinite(x).any(dim=-1)
     tokens = x.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

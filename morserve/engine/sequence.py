@@ -8,7 +8,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from morserve.engine.outputs import TokenLogprobs
 from morserve.engine.sampling_params import SamplingParams
@@ -26,7 +25,7 @@ class Sequence:
     request: "Request"
     index: int                                   # completion index within the request
     token_ids: list[int]                         # prompt + generated
-    generator: torch.Generator | None
+    seed: int                                    # sampling seed in [0, 2**64): see sampler.py
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0                        # tokens whose K/V went through every stage
     depths: list[int] = field(default_factory=list)          # per generated token (see LLMEngine)
