@@ -11,6 +11,11 @@ One tick (depth-wise mode):
 Vanilla (depth-synchronous) mode runs step 3 repeatedly inside the tick until every chunk has
 left the block, so each decode step does recursions 1..Nr in order over a shrinking batch.
 
+With num_scheduler_steps = K > 1, when every running sequence decodes greedily or by plain
+temperature sampling, step() instead hands K ticks of the same semantics to the device decode loop
+(decode_loop.py) and takes their tokens back at once; loops are chained while nothing stands in the
+way, so the host handles one loop's tokens while the device runs the next.
+
 The depth reported for a generated token is the number of recursions taken by the position that
 produced it (the last input token); the dense reference's `depths[prompt_len - 1 + i]`.
 """
@@ -26,10 +31,10 @@ import torch
 
 from morserve.config import ModelConfig
 from morserve.engine.args import EngineArgs
-from morserve.engine.kv_cache import BlockManager
-from morserve.engine.outputs import CompletionOutput, RequestOutput
 from morserve.engine.cuda_graphs import graph_sizes
 from morserve.engine.decode_loop import DecodeLoop, LoopHandle, LoopOutput
+from morserve.engine.kv_cache import BlockManager
+from morserve.engine.outputs import CompletionOutput, RequestOutput
 from morserve.engine.runner import ModelRunner
 from morserve.engine.sampler import Sampled, SamplingRow, prompt_logprobs, sample
 from morserve.engine.sampling_params import SamplingParams
@@ -38,6 +43,7 @@ from morserve.engine.sequence import Chunk, Request, Sequence, SeqStatus
 from morserve.model.mor import MoRModel
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TickStats:
