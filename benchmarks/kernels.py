@@ -109,6 +109,15 @@ def _paged(seqs: int, context: int, heads: tuple[int, int, int], page_size: int,
     return k_cache, v_cache, block_tables
 
 
+def dense_sdpa_ms(q: torch.Tensor, hkv: int, context: int) -> float:
+    """The dense baseline over the same bytes: contiguous K/V, one query per sequence (freed after)."""
+    seqs, _, d = q.shape
+    k_dense = torch.randn(seqs, hkv, context, d, device=q.device, dtype=q.dtype)
+    v_dense = torch.randn_like(k_dense)
+    q_dense = q.unsqueeze(2)
+    return bench(lambda: F.scaled_dot_product_attention(q_dense, k_dense, v_dense, enable_gqa=True))
+
+
 def attention_cases(args: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     out = []
     for model in args.models:
@@ -122,12 +131,7 @@ def attention_cases(args: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
                 decode = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                               query_group=torch.arange(seqs, device="cuda", dtype=torch.int32),
                               kv_lens=torch.full((seqs,), context, device="cuda", dtype=torch.int32), scale=d ** -0.5)
-                # Dense baseline over the same bytes: contiguous K/V, one query per sequence.
-                k_dense = torch.randn(seqs, hkv, context, d, device="cuda", dtype=dtype)
-                v_dense = torch.randn_like(k_dense)
-                q_dense = q.unsqueeze(2)
-                sdpa_ms = bench(lambda: F.scaled_dot_product_attention(q_dense, k_dense, v_dense, enable_gqa=True))
-                del k_dense, v_dense
+                sdpa_ms = dense_sdpa_ms(q, hkv, context)
                 # Mixed batch: sequence 0 prefills its last `chunk` entries, the others decode.
                 chunk = min(512, context)
                 mixed = dict(decode, q=torch.randn(seqs - 1 + chunk, h, d, device="cuda", dtype=dtype),

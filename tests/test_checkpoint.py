@@ -139,7 +139,7 @@ def test_own_format_errors_name_the_problem(tmp_path):
 # ---- the reference code's layout ----------------------------------------------------------------
 def reference_state(model: MoRModel) -> dict[str, torch.Tensor]:
     """The model's weights in the reference code's key layout, each recursion with its own copy."""
-    cfg, mor = model.config, model.config.mor
+    mor = model.config.mor
     nr, middle = mor.num_recursions, int(mor.sharing == "middle_cycle")
     expert = mor.router == "expert"
     mor_layer = "model.layers.1." if middle else "model.layers."       # token choice's MoR layer

@@ -57,7 +57,7 @@ def test_topk_select_by_hand():
 
 # ---- update rules on a single token (attention over one token = its own value) -----------------
 def _single_token_manual(model: MoRModel, token: int) -> tuple[torch.Tensor, int]:
-    cfg, mor = model.config, model.config.mor
+    mor = model.config.mor
     pos = torch.zeros(1, dtype=torch.long)
     cos, sin = model.rope(pos, torch.float32)
 
