@@ -29,6 +29,7 @@ if sys.path and Path(sys.path[0]).resolve() == _REPO / "benchmarks":  # benchmar
     sys.path[0] = str(_REPO)
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -212,7 +213,12 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    rows = [measure(args, mode) for mode in (("graphs", "eager", "loop") if cuda else ("eager", "loop"))]
+    rows = []
+    for mode in ("graphs", "eager", "loop") if cuda else ("eager", "loop"):
+        rows.append(measure(args, mode))
+        gc.collect()                       # the next engine sizes its KV pool from free memory
+        if cuda:
+            torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if cuda else "CPU"
     text = markdown(rows, args, device)
     print(text)
