@@ -192,8 +192,7 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.finished:
                 self.scheduler.remove(seq)
-                seq.status = SeqStatus.FINISHED
-                seq.finish_reason = "abort"
+                self._finish(seq, "abort", None)
         flight = self._flight
         if flight is not None and all(seq.finished for seq in flight.seqs):
             self.decode_loop.collect(flight.handle, len(flight.seqs))     # nothing left to take from it
@@ -438,8 +437,7 @@ class LLMEngine:
         if result is None:      # nothing left to sample (non-finite logits): fail this sequence only
             logger.error("request %s: no finite logit to sample from; aborting its sequence %d",
                          seq.request.request_id, seq.index)
-            seq.status = SeqStatus.FINISHED
-            seq.finish_reason = "abort"
+            self._finish(seq, "abort", None)
         else:
             seq.token_ids.append(result.token)
             seq.depths.append(depth)
@@ -474,18 +472,16 @@ class LLMEngine:
 
     def _append_checked(self, seq: Sequence, tokens: list[int], depths: list[int], logprobs: list[float],
                         with_top: bool) -> int:
-        """Append tokens up to the first EOS / stop token id / max_tokens / context end, at once."""
+        """Append tokens up to the first that ends the output (the rules of _check_stop without
+        stop strings), at once."""
         params = seq.request.params
-        room = min(params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
-        kept, reason, stop = len(tokens), None, None
-        if room <= kept:
-            kept, reason = room, "length"
-        eos = set() if params.ignore_eos else self.eos_ids
-        if eos or params.stop_token_ids:
-            for i, token in enumerate(tokens[:kept]):
-                if token in eos or token in params.stop_token_ids:
-                    kept, reason, stop = i + 1, "stop", None if token in eos else token
-                    break
+        n_out, total = len(seq.output_ids), len(seq.token_ids)
+        kept, end = len(tokens), None
+        for i, token in enumerate(tokens, 1):
+            end = self._token_end(params, token, n_out + i, total + i)
+            if end is not None:
+                kept = i
+                break
         seq.token_ids.extend(tokens[:kept])
         seq.depths.extend(depths[:kept])
         seq.cumulative_logprob += sum(logprobs[:kept])
@@ -493,9 +489,8 @@ class LLMEngine:
             seq.logprobs.extend({t: lp} for t, lp in zip(tokens[:kept], logprobs[:kept]))
         if self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
-        if reason is not None:
-            seq.status = SeqStatus.FINISHED
-            seq.finish_reason, seq.stop_reason = reason, stop
+        if end is not None:
+            self._finish(seq, *end)
         self._retire_if_finished(seq)
         return kept
 
@@ -505,30 +500,45 @@ class LLMEngine:
             if seq.request.finished:
                 self.requests.pop(seq.request.request_id, None)
 
+    def _token_end(self, params: SamplingParams, token: int, n_out: int, total: int,
+                   stop_strings: Callable[[], str | None] | None = None) -> tuple[str, int | str | None] | None:
+        """(finish reason, stop reason) if `token`, making the output n_out and the sequence
+        `total` tokens long, ends it: EOS, a stop token id, a stop string (found by
+        `stop_strings`), all once min_tokens are out; then max_tokens or the context."""
+        if n_out >= params.min_tokens:
+            if token in self.eos_ids and not params.ignore_eos:
+                return "stop", None
+            if token in params.stop_token_ids:
+                return "stop", token
+            found = stop_strings() if stop_strings is not None else None
+            if found is not None:
+                return "stop", found
+        if n_out >= params.max_tokens or total >= self.max_model_len:
+            return "length", None
+        return None
+
+    @staticmethod
+    def _finish(seq: Sequence, reason: str, stop: int | str | None) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop
+
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.request.params
-        n_out = len(seq.output_ids)
         prev_len = len(seq.text)
         if self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
-        reason = stop = None
-        if n_out >= params.min_tokens:
-            if token in self.eos_ids and not params.ignore_eos:
-                reason = "stop"
-            elif token in params.stop_token_ids:
-                reason, stop = "stop", token
-            else:
-                for s in params.stop:
-                    at = seq.text.find(s, max(0, prev_len - len(s) + 1))
-                    if at >= 0:
-                        seq.text = seq.text[: at + len(s) if params.include_stop_str_in_output else at]
-                        reason, stop = "stop", s
-                        break
-        if reason is None and (n_out >= params.max_tokens or len(seq.token_ids) >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            seq.status = SeqStatus.FINISHED
-            seq.finish_reason, seq.stop_reason = reason, stop
+
+        def stop_string() -> str | None:
+            for s in params.stop:
+                at = seq.text.find(s, max(0, prev_len - len(s) + 1))
+                if at >= 0:
+                    seq.text = seq.text[: at + len(s) if params.include_stop_str_in_output else at]
+                    return s
+            return None
+
+        end = self._token_end(params, token, len(seq.output_ids), len(seq.token_ids), stop_string)
+        if end is not None:
+            self._finish(seq, *end)
 
     def _record(self, stats: TickStats) -> None:
         stats.kv_blocks_used = dict(enumerate(self.blocks.blocks_used_per_stage()))
