@@ -26,7 +26,7 @@ from gguf.quants import dequantize
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from morserve.checkpoint.state import CheckpointError, build_model
+from morserve.checkpoint.state import CheckpointError, build_model, vanilla_layer
 from morserve.config import ModelConfig, MoRConfig
 from morserve.model.mor import MoRModel
 from morserve.tokenizer import Tokenizer
@@ -91,9 +91,7 @@ def _our_name(gguf_name: str, num_layers: int) -> str:
     parts = gguf_name.split(".")
     if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LAYER_TENSORS or parts[3] != "weight":
         raise CheckpointError(f"GGUF tensor {gguf_name!r} has no place in a Llama model")
-    i = int(parts[1])
-    layer = "prologue.0" if i == 0 else "epilogue.0" if i == num_layers - 1 else f"block.{i - 1}"
-    return f"{layer}.{LAYER_TENSORS[parts[2]]}.weight"
+    return f"{vanilla_layer(int(parts[1]), num_layers)}.{LAYER_TENSORS[parts[2]]}.weight"
 
 
 def gguf_state_dict(reader: GGUFReader, config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from morserve.checkpoint.reference_mor import WEIGHT_FILES, read_weights
-from morserve.checkpoint.state import CheckpointError, build_model
+from morserve.checkpoint.state import CheckpointError, build_model, vanilla_layer
 from morserve.config import ConfigError, ModelConfig
 from morserve.model.mor import MoRModel
 
@@ -49,18 +49,13 @@ def hf_llama_config(data: dict) -> ModelConfig:
 
 def hf_to_morserve(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """HF Llama parameter names -> MoRModel names of the vanilla (Nr = 1) layout."""
-    def layer_name(index: int) -> str:
-        if index == 0:
-            return "prologue.0."
-        return "epilogue.0." if index == num_layers - 1 else f"block.{index - 1}."
-
     out = {}
     for key, value in state.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue                                     # a buffer some versions saved
         if key.startswith("model.layers."):
             index, rest = key[len("model.layers."):].split(".", 1)
-            out[layer_name(int(index)) + rest] = value
+            out[f"{vanilla_layer(int(index), num_layers)}.{rest}"] = value
         elif key.startswith("model."):
             out[key[len("model."):]] = value
         else:

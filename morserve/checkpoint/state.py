@@ -12,6 +12,14 @@ from morserve.model.mor import MoRModel
 MAX_NAMED = 8
 
 
+def vanilla_layer(index: int, num_layers: int) -> str:
+    """MoRModel name of layer `index` of an L-layer Llama loaded as a vanilla (Nr = 1) model:
+    layer 0 the prologue, layers 1..L-2 the block, layer L-1 the epilogue."""
+    if index == 0:
+        return "prologue.0"
+    return "epilogue.0" if index == num_layers - 1 else f"block.{index - 1}"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the model it describes."""
 
