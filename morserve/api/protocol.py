@@ -210,13 +210,21 @@ class CompletionResponseChoice(ResponseModel):
     depths: list[int] | None = Field(None, exclude_if=_without_none)
 
 
-class CompletionResponse(ResponseModel):
+class GenerationResponse(ResponseModel):
+    """What every generation response (and stream chunk) carries; subclasses fix `object`, the
+    choices' type and whether usage is required (redefined fields keep their place in the JSON)."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int = Field(default_factory=now)
     model: str
-    choices: list[CompletionResponseChoice]
+    choices: list[Any]
     usage: UsageInfo | None = None
+
+
+class CompletionResponse(GenerationResponse):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionResponseChoice]
 
 
 class CompletionStreamResponse(CompletionResponse):
@@ -252,11 +260,8 @@ class ChatCompletionResponseChoice(ResponseModel):
     depths: list[int] | None = Field(None, exclude_if=_without_none)
 
 
-class ChatCompletionResponse(ResponseModel):
-    id: str
+class ChatCompletionResponse(GenerationResponse):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
 
@@ -275,13 +280,9 @@ class ChatCompletionResponseStreamChoice(ResponseModel):
     depths: list[int] | None = Field(None, exclude_if=_without_none)
 
 
-class ChatCompletionStreamResponse(ResponseModel):
-    id: str
+class ChatCompletionStreamResponse(GenerationResponse):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatCompletionResponseStreamChoice]
-    usage: UsageInfo | None = None
 
 
 class ModelPermission(ResponseModel):
