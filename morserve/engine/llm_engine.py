@@ -33,10 +33,12 @@ from morserve.config import ModelConfig
 from morserve.engine.args import EngineArgs
 from morserve.engine.cuda_graphs import graph_sizes
 from morserve.engine.decode_loop import DecodeLoop, LoopHandle, LoopOutput
+from morserve.engine.input_checks import EngineLimits, banned_ids, check_request, prompt_token_ids
 from morserve.engine.kv_cache import BlockManager
 from morserve.engine.outputs import CompletionOutput, RequestOutput
+from morserve.engine.request_failures import sample_each
 from morserve.engine.runner import ModelRunner
-from morserve.engine.sampler import Sampled, SamplingRow, prompt_logprobs, sample
+from morserve.engine.sampler import Sampled, SamplingRow, prompt_logprobs
 from morserve.engine.sampling_params import SamplingParams
 from morserve.engine.scheduler import Scheduler
 from morserve.engine.sequence import Chunk, Request, Sequence, SeqStatus
@@ -106,6 +108,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(args.seed)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids)
+        self.limits = EngineLimits(cfg.vocab_size, self.max_model_len, frozenset(self.eos_ids), num_pages,
+                                   self._worst_pages, getattr(tokenizer, "max_token_chars", None))
         self.tick_listeners: list[Callable[[TickStats], None]] = []
         self.last_tick = TickStats()
         self.total_depth_token_ticks = [0] * mor.num_recursions
@@ -128,22 +132,8 @@ class LLMEngine:
         params.validate()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self._prompt_ids(prompt)
-        limit = self.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit} tokens "
-                             f"(max_model_len), leaving no room for output")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
-        if len(ids) + max_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = "
-                             f"{len(ids) + max_tokens} exceeds the model's context of {limit} tokens")
-        worst = self._worst_pages(len(ids) + max_tokens)
-        if worst > self.blocks.num_pages:
-            raise ValueError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens may need {worst} "
-                             f"KV pages, more than the whole cache ({self.blocks.num_pages})")
-        if params.min_tokens and len(self._banned_ids(params)) >= self.model_config.vocab_size:
-            raise ValueError(f"min_tokens={params.min_tokens} would ban every token: EOS and stop_token_ids "
-                             f"cover the whole vocabulary ({self.model_config.vocab_size} tokens)")
+        text, ids = prompt_token_ids(prompt, self.tokenizer, self.limits)
+        max_tokens = check_request(ids, params, self.limits)
         if params.max_tokens is None:
             params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
         req = Request(request_id, text, ids, params)
@@ -156,33 +146,12 @@ class LLMEngine:
         self.requests[request_id] = req
         return req
 
-    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        vocab = self.model_config.vocab_size
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            text = prompt
-        else:
-            ids, text = list(prompt), None
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
-        if not ids:
-            raise ValueError("prompt is empty")
-        return text, ids
-
     def _seed(self, params: SamplingParams, index: int) -> int:
         """Completion `index`'s sampling seed: from the request's seed (any integer, reduced mod
         2**64) or, unseeded, drawn from the engine's own generator."""
         if params.seed is not None:
             return (params.seed * 1_000_003 + index) % 2**64
         return int(torch.randint(0, 2**62, (1,), generator=self._rng))
-
-    def _banned_ids(self, params: SamplingParams) -> list[int]:
-        """Tokens that may not be sampled before min_tokens: EOS (unless ignore_eos) and stop ids."""
-        ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        return sorted(t for t in ids if t < self.model_config.vocab_size)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free everything it holds at once (no-op if unknown/finished)."""
@@ -270,7 +239,7 @@ class LLMEngine:
         for seq in seqs:
             p = seq.request.params
             truncates = p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0
-            if (truncates or p.logprobs not in (None, 0) or p.repetition_penalty != 1.0
+            if (truncates or p.logprobs not in (None, 0) or p.repetition_penalty != 1.0 or p.logit_bias
                     or p.presence_penalty or p.frequency_penalty or len(seq.output_ids) < p.min_tokens):
                 return 0
             chunk = seq.chunk
@@ -404,8 +373,11 @@ class LLMEngine:
                 req.prompt_logprobs.append(entry)
         touched: set[Request] = set()
         if sample_rows:
-            for (seq, depth), result in zip(sample_seqs, sample(self._rows(logits, sample_rows), sampling)):
-                self._append_token(seq, result, depth)
+            for (seq, depth), result in zip(sample_seqs, sample_each(self._rows(logits, sample_rows), sampling)):
+                if isinstance(result, Exception):
+                    self._fail(seq.request, result)
+                elif not seq.finished:       # (another sequence of a failed request)
+                    self._append_token(seq, result, depth)
                 touched.add(seq.request)
             stats.num_generated_tokens = len(sample_rows)
         return touched
@@ -429,7 +401,7 @@ class LLMEngine:
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.request.params
-        banned = self._banned_ids(params) if len(seq.output_ids) < params.min_tokens else []
+        banned = banned_ids(params, self.limits) if len(seq.output_ids) < params.min_tokens else []
         return SamplingRow(params, seq.request.prompt_token_ids, seq.output_ids, banned, seq.seed,
                            len(seq.token_ids))
 
@@ -517,6 +489,17 @@ class LLMEngine:
             return "length", None
         return None
 
+    def _fail(self, req: Request, exc: Exception) -> None:
+        """A failure that is this request's alone (its sampling raised): it ends with the error,
+        every other request goes on."""
+        logger.error("request %s failed: %r", req.request_id, exc)
+        req.error = f"request failed: {type(exc).__name__}: {exc}"
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                self._finish(seq, "abort", None)
+        self.requests.pop(req.request_id, None)
+
     @staticmethod
     def _finish(seq: Sequence, reason: str, stop: int | str | None) -> None:
         seq.status = SeqStatus.FINISHED
@@ -569,7 +552,8 @@ class LLMEngine:
         return RequestOutput(request_id=req.request_id, prompt=req.prompt,
                              prompt_token_ids=list(req.prompt_token_ids), outputs=outs,
                              prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
-                             finished=req.finished, num_preemptions=req.num_preemptions)
+                             finished=req.finished, num_preemptions=req.num_preemptions, error=req.error,
+                             arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time)
 
     def check_no_leak(self) -> bool:
         """True when nothing is in flight and every KV page and pool row is free."""

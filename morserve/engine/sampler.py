@@ -1,5 +1,5 @@
 """Turns a batch of logits rows into next tokens, on the logits' device, in a fixed number of
-batched operations: penalties, banned tokens (min_tokens), temperature, top-k / min-p / top-p, then
+batched operations: penalties, logit_bias, banned tokens (min_tokens), temperature, top-k / min-p / top-p, then
 greedy argmax or an inverse-CDF draw. The draw's uniform number is a hash of the sequence's seed
 and the position of the token being drawn (counter-based, no generator state), so a seeded request
 samples the same tokens whatever else shares its batch, after a preemption, and whether the engine
@@ -79,6 +79,15 @@ def _ban(x: torch.Tensor, rows: list[SamplingRow]) -> None:
         x[row_idx.to(x.device), tok_idx.to(x.device)] = float("-inf")
 
 
+def _bias(x: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """logit_bias: each row's {token id: bias} added to its logits."""
+    biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    if biased:
+        row_idx, tok_idx = _row_index([list(rows[i].params.logit_bias) for i in biased], biased)
+        bias = torch.tensor([b for i in biased for b in rows[i].params.logit_bias.values()], dtype=x.dtype)
+        x.index_put_((row_idx.to(x.device), tok_idx.to(x.device)), bias.to(x.device), accumulate=True)
+
+
 def _truncate_sorted(sorted_p: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Zero, in descending-sorted probabilities [R, V], what top-k, min-p and top-p exclude (the
     most likely token always stays). top-p applies to the mass left after top-k and min-p."""
@@ -155,6 +164,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     x = apply_penalties(logits.clone(), rows)
+    _bias(x, rows)
     _ban(x, rows)
     x = scale_logits(x, torch.tensor([r.params.temperature for r in rows], device=dev))
     valid = torch.isfinite(x).any(dim=-1)

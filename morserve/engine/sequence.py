@@ -59,6 +59,8 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    error: str | None = None                     # why it failed, when it failed in the engine
 
     @property
     def prompt_len(self) -> int:
