@@ -21,6 +21,7 @@ from morserve.engine.input_checks import EngineLimits
 from morserve.engine.outputs import RequestOutput
 from morserve.engine.request_failures import RequestFailedError
 from morserve.engine.sampling_params import SamplingParams
+from morserve.engine.structured import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ class AsyncLLMEngine:
             if not finished:
                 self._commands.put(("abort", request_id))
                 self._wakeup.set()
+
+    async def check_structured(self, spec: StructuredOutputsParams) -> None:
+        """Compile a structured-output constraint in a worker thread (ValueError if it is invalid);
+        the compiler caches it for the request that follows."""
+        if self.engine.structured is None:
+            raise ValueError("structured outputs need the model's tokenizer; this model has none")
+        await asyncio.to_thread(self.engine.structured.compile, spec)
 
     async def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)

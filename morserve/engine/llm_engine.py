@@ -42,6 +42,7 @@ from morserve.engine.sampler import Sampled, SamplingRow, prompt_logprobs
 from morserve.engine.sampling_params import SamplingParams
 from morserve.engine.scheduler import Scheduler
 from morserve.engine.sequence import Chunk, Request, Sequence, SeqStatus
+from morserve.engine.structured import StructuredBackend
 from morserve.model.mor import MoRModel
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(args.seed)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids)
+        self.structured = StructuredBackend(tokenizer, cfg.vocab_size, sorted(self.eos_ids)) if tokenizer else None
         self.limits = EngineLimits(cfg.vocab_size, self.max_model_len, frozenset(self.eos_ids), num_pages,
                                    self._worst_pages, getattr(tokenizer, "max_token_chars", None))
         self.tick_listeners: list[Callable[[TickStats], None]] = []
@@ -134,17 +136,27 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = prompt_token_ids(prompt, self.tokenizer, self.limits)
         max_tokens = check_request(ids, params, self.limits)
+        grammar = self._compile_grammar(params)
         if params.max_tokens is None:
             params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
         req = Request(request_id, text, ids, params)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(params.n):
-            seq = Sequence(next(self._seq_ids), req, i, list(ids), self._seed(params, i))
+            seq = Sequence(next(self._seq_ids), req, i, list(ids), self._seed(params, i),
+                           grammar=self.structured.state(grammar) if grammar is not None else None)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
         return req
+
+    def _compile_grammar(self, params: SamplingParams):
+        """The request's compiled structured-output constraint, if it has one."""
+        if params.structured_outputs is None:
+            return None
+        if self.structured is None:
+            raise ValueError("structured outputs need the model's tokenizer; this model has none")
+        return self.structured.compile(params.structured_outputs)
 
     def _seed(self, params: SamplingParams, index: int) -> int:
         """Completion `index`'s sampling seed: from the request's seed (any integer, reduced mod
@@ -228,8 +240,8 @@ class LLMEngine:
     # ---- multi-step greedy decoding on the device -----------------------------------------------
     def _loop_steps(self) -> int:
         """Ticks the decode loop may run now: 0 unless every running sequence decodes greedily or by
-        plain temperature sampling (single-token chunks, no penalties, bans, truncation or top-N
-        logprobs) and no waiting request could
+        plain temperature sampling (single-token chunks, no penalties, bans, truncation, grammar or
+        top-N logprobs) and no waiting request could
         be admitted; at most what the context leaves every sequence. A sequence that reaches
         max_tokens or a stop inside the loop keeps its row busy to the end of the loop, and the
         tokens past its end are dropped."""
@@ -239,7 +251,7 @@ class LLMEngine:
         for seq in seqs:
             p = seq.request.params
             truncates = p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0
-            if (truncates or p.logprobs not in (None, 0) or p.repetition_penalty != 1.0 or p.logit_bias
+            if (truncates or p.logprobs not in (None, 0) or p.repetition_penalty != 1.0 or p.logit_bias or seq.grammar
                     or p.presence_penalty or p.frequency_penalty or len(seq.output_ids) < p.min_tokens):
                 return 0
             chunk = seq.chunk
@@ -402,8 +414,9 @@ class LLMEngine:
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.request.params
         banned = banned_ids(params, self.limits) if len(seq.output_ids) < params.min_tokens else []
+        allowed = seq.grammar.next_mask(seq.output_ids) if seq.grammar is not None else None
         return SamplingRow(params, seq.request.prompt_token_ids, seq.output_ids, banned, seq.seed,
-                           len(seq.token_ids))
+                           len(seq.token_ids), allowed)
 
     def _append_token(self, seq: Sequence, result: Sampled | None, depth: int) -> None:
         if result is None:      # nothing left to sample (non-finite logits): fail this sequence only
@@ -417,7 +430,18 @@ class LLMEngine:
             if result.top is not None:
                 seq.logprobs.append(result.top)
             self._check_stop(seq, result.token)
+            if seq.grammar is not None and not seq.finished:
+                self._advance_grammar(seq, result.token)
         self._retire_if_finished(seq)
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """The matcher takes the token; a complete grammar (its EOS taken) ends the output."""
+        if not seq.grammar.accept(token):        # cannot happen under the mask: fail alone, loudly
+            logger.error("request %s: token %d rejected by its grammar; aborting its sequence %d",
+                         seq.request.request_id, token, seq.index)
+            self._finish(seq, "abort", None)
+        elif seq.grammar.terminated:
+            self._finish(seq, "stop", None)
 
     def _append_burst(self, seq: Sequence, tokens: list[int], depths: list[int], logprobs: list[float]) -> int:
         """The decode loop's tokens for one sequence, in order, up to its first stop (EOS, a stop

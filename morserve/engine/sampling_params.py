@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from morserve.engine.structured import StructuredOutputsParams
+
 INT64_MAX = 2**63 - 1
 
 
@@ -33,7 +35,8 @@ class SamplingParams:
     prompt_logprobs: how many top alternatives to report per token (0 = only the chosen token).
     output_kind: `cumulative` (a RequestOutput after every tick that touched the request, for
     streaming) or `final_only` (only the finished one; what offline generation needs).
-    logit_bias: {token id: bias in [-100, 100]} added to the logits before sampling."""
+    logit_bias: {token id: bias in [-100, 100]} added to the logits before sampling.
+    structured_outputs: a grammar the output must follow (see structured.py)."""
 
     n: int = 1
     max_tokens: int | None = 16
@@ -54,6 +57,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     output_kind: str = "cumulative"
 
     OUTPUT_KINDS = ("cumulative", "final_only")

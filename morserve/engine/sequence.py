@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from morserve.engine.outputs import TokenLogprobs
 from morserve.engine.sampling_params import SamplingParams
+from morserve.engine.structured import GrammarState
 
 
 class SeqStatus(enum.Enum):
@@ -35,6 +36,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     chunk: "Chunk | None" = None
+    grammar: GrammarState | None = None          # structured outputs: the output's matcher
 
     @property
     def prompt_len(self) -> int:
