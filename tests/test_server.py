@@ -418,7 +418,7 @@ BAD = [
     (CHAT, {"messages": MSG, "max_completion_tokens": 0}, 400, "max_tokens"),
     (CHAT, {"messages": MSG, "max_tokens": 1000}, 400, "256"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool"),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "yaml"}}, 400, "response_format"),
     (CHAT, {"messages": MSG, "model": "nope"}, 404, "nope"),
     ("/tokenize", {}, 400, "prompt"),
     ("/tokenize", {"messages": []}, 400, "messages"),

@@ -22,6 +22,7 @@ from morserve.api.protocol import (
     random_id,
 )
 from morserve.api.state import get_state
+from morserve.api.structured import check_constraint, one_constraint, request_constraints
 from morserve.engine import CompletionOutput, RequestOutput
 from morserve.tokenizer import Tokenizer
 
@@ -89,8 +90,9 @@ async def create_completion(body: CompletionRequest, raw: Request) -> Response:
         raise APIError(400, "suffix is not supported", param="suffix")
     prompts = await completion_prompts(engine, body.prompt)
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    structured = await check_constraint(engine, one_constraint(request_constraints(body)))
     try:
-        params = body.sampling_params(body.max_tokens, body.logprobs, prompt_logprobs)
+        params = body.sampling_params(body.max_tokens, body.logprobs, prompt_logprobs, structured_outputs=structured)
     except ValueError as exc:
         raise bad_request(exc) from None
     check_fits(engine, prompts, params)
