@@ -22,7 +22,7 @@ import openai
 import pytest
 import torch
 import xgrammar as xgr
-from test_server import ThreadedServer, wait_idle
+from test_server import ThreadedServer, wait_idle, write_checkpoint
 
 from morserve.api.protocol import ChatTool
 from morserve.api.server import create_app
@@ -409,6 +409,32 @@ def test_smol_tool_choice_auto_none_and_bad_choices(smol_srv):
         oai.chat.completions.create(model="m", messages=MESSAGES, tools=_tool_dicts(), tool_choice="required",
                                     response_format={"type": "json_object"}, max_tokens=8)
     assert err.value.body["param"] == "tools"
+
+
+HERMES_TEMPLATE = ("{% if tools %}<|system|>{{ tools | tojson }}\nAnswer with <tool_call>{...}</tool_call>\n{% endif %}"
+                   "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_auto_tool_choice_with_a_hermes_template(tmp_path):
+    """A template with a tool-call format: "auto" is accepted, the tools reach the template, and free
+    text (a random model's) stays content, streamed or not."""
+    ckpt = write_checkpoint(tmp_path / "hermes", HERMES_TEMPLATE)
+    server = _serve(str(ckpt))
+    try:
+        oai = _client(server)
+        tools, messages = _tool_dicts()[1:], [{"role": "user", "content": "ping?"}]     # 256-token context
+        kwargs = dict(model="m", messages=messages, tools=tools, max_tokens=12, temperature=0)
+        resp = oai.chat.completions.create(**kwargs)
+        rendered = Tokenizer.load(ckpt).apply_chat_template(messages, tools=tools)
+        assert '"ping"' in rendered and resp.usage.prompt_tokens == len(rendered.encode())   # byte-level
+        choice = resp.choices[0]
+        assert choice.finish_reason == "length" and not choice.message.tool_calls and choice.message.content
+        chunks = list(oai.chat.completions.create(stream=True, **kwargs))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+        wait_idle(server)
+    finally:
+        server.stop()
 
 
 def test_smol_vocabulary_mapping(smol_srv, rng):
