@@ -27,7 +27,7 @@ from test_server import ThreadedServer, wait_idle, write_checkpoint
 from morserve.api.protocol import ChatTool
 from morserve.api.server import create_app
 from morserve.api.state import ServerSettings
-from morserve.api.tools import ToolCallParser, ToolMode
+from morserve.api.tools import ToolCallParser, ToolMode, tool_constraint
 from morserve.engine import AsyncLLMEngine, EngineArgs, LLMEngine, SamplingParams
 from morserve.engine.sampler import SamplingRow, _mask_disallowed
 from morserve.engine.structured import StructuredBackend, StructuredOutputsParams
@@ -184,6 +184,19 @@ def test_required_parser_streams_each_call_when_complete(rng):
     assert [(c.function.name, json.loads(c.function.arguments)) for c in parser.calls] == \
         [(c["name"], c["parameters"]) for c in calls]
     assert parser.message_content() is None
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_tools_grammar_and_parallel_tool_calls(mini_tokenizer, parallel):
+    constraint = tool_constraint(ToolMode("required", tuple(TOOLS), parallel=parallel))
+    backend = StructuredBackend(mini_tokenizer, 4096, mini_tokenizer.eos_token_ids)
+    state = backend.state(backend.compile(constraint.params))
+    allowed = _allowed(state.next_mask(mini_tokenizer.encode('[{"name": "ping", "parameters": {}}')), 4096)
+    comma, close = mini_tokenizer.encode(","), mini_tokenizer.encode("]")
+    assert len(comma) == len(close) == 1 and close[0] in allowed
+    assert (comma[0] in allowed) == parallel
+    with pytest.raises(ValueError, match="not allowed"):       # a name that is not a tool's
+        backend.state(backend.compile(constraint.params)).next_mask(mini_tokenizer.encode('[{"name": "pong"'))
 
 
 # ---- the engine ----------------------------------------------------------------------------------

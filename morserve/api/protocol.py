@@ -202,6 +202,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
 
 
 class TokenizeCompletionRequest(RequestModel):

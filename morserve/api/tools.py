@@ -1,9 +1,10 @@
 """Tool calling. `tool_choice` "required" or a named function is enforced through structured outputs,
 whatever the model (vLLM's approach): a named function's output is its arguments object (schema =
 the function's parameters); "required" produces a JSON array of {"name", "parameters"} objects, one
-per call, each name one of the tools'. "auto" needs a tool-call format in the model's chat template:
-the Hermes / Qwen format, `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks in free
-text; without one it is a 400 that says so. "none" (the default without tools) is plain text.
+per call, each name one of the tools' (at most one call with `parallel_tool_calls: false`). "auto"
+needs a tool-call format in the model's chat template: the Hermes / Qwen format,
+`<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks in free text; without one it is a
+400 that says so. "none" (the default without tools) is plain text.
 
 A `ToolCallParser` per choice turns the generated text into tool calls: fed the text as it streams,
 it returns the content that is plain text and OpenAI tool-call deltas (index, id, type, function
@@ -40,6 +41,7 @@ class ToolMode:
     choice: str
     tools: tuple[ChatTool, ...]
     name: str | None = None
+    parallel: bool = True              # "required": more than one call allowed
 
 
 def tool_mode(body: ChatCompletionRequest, tokenizer: Tokenizer | None) -> ToolMode | None:
@@ -59,12 +61,12 @@ def tool_mode(body: ChatCompletionRequest, tokenizer: Tokenizer | None) -> ToolM
         if choice.function.name not in names:
             raise APIError(400, f"tool_choice names function {choice.function.name!r}, which is not among the "
                                 f"tools ({', '.join(names)})", param="tool_choice")
-        return ToolMode("named", tools, choice.function.name)
+        return ToolMode("named", tools, choice.function.name, parallel=False)
     if choice == "auto" and not template_has_tool_calls(tokenizer):
         raise APIError(400, "tool_choice 'auto' needs a tool-call format in the model's chat template "
                             f"(Hermes {HERMES_OPEN} blocks), and this model's has none: use tool_choice "
                             "'required' or a named function (enforced by structured outputs)", param="tool_choice")
-    return ToolMode(choice, tools)
+    return ToolMode(choice, tools, parallel=body.parallel_tool_calls is not False)
 
 
 def template_has_tool_calls(tokenizer: Tokenizer | None) -> bool:
@@ -93,10 +95,12 @@ def tool_constraint(mode: ToolMode | None) -> Constraint | None:
         return None
     if mode.choice == "named":
         tool = next(t for t in mode.tools if t.function.name == mode.name)
-        return Constraint(StructuredOutputsParams(json=_parameters(tool)), "tool_choice")
+        return Constraint(StructuredOutputsParams(json=_parameters(tool)), "tools")
     schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
         {"properties": {"name": {"type": "string", "enum": [t.function.name]}, "parameters": _parameters(t)},
          "required": ["name", "parameters"]} for t in mode.tools]}}
+    if not mode.parallel:
+        schema["maxItems"] = 1
     defs = _shared_defs(mode.tools)
     if defs:
         schema["$defs"] = defs
