@@ -80,12 +80,14 @@ class GrammarState:
         self._accepted = 0
 
     def next_mask(self, output_ids: list[int]) -> torch.Tensor:
+        """The tokens allowed after `output_ids`; none at all if the grammar rejects them (the
+        sampler then fails this sequence alone)."""
         if self._accepted != len(output_ids):
             self._matcher.reset()
             self._accepted = 0
-            for token in output_ids:
-                if not self.accept(token):
-                    raise ValueError(f"output token {token} is not allowed by the grammar")
+            if not all(self.accept(token) for token in output_ids):
+                self._accepted = -1                 # out of sync until the next re-derivation
+                return torch.zeros_like(self._bitmask[0])
         self._matcher.fill_next_token_bitmask(self._bitmask)
         return self._bitmask[0]
 
