@@ -9,6 +9,7 @@ Chat templates render the way Hugging Face transformers renders them: sandboxed 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -57,6 +58,12 @@ class Tokenizer:
     @property
     def eos_token_ids(self) -> list[int]:
         return [self.backend.token_to_id(t) for t in self.eos_tokens]
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token stands for: its longest vocabulary entry
+        (byte-level and metaspace entries have one character per byte or character of text)."""
+        return max(len(token) for token in self.backend.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text` (special-token text in it becomes the special token, as in HF);

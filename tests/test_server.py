@@ -29,7 +29,7 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from morserve.api.server import create_app
+from morserve.api.server import create_app, uvicorn_config
 from morserve.api.state import ServerSettings, ServerState
 from morserve.checkpoint import load_checkpoint, save_checkpoint
 from morserve.config import ModelConfig, MoRConfig
@@ -65,7 +65,7 @@ class ThreadedServer:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
@@ -396,7 +396,7 @@ BAD = [
     (C, {"prompt": "x", "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens"),
     (C, {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
     (C, {"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
-    (C, {"prompt": "x", "stop_token_ids": [10**6], "min_tokens": 1}, 400, "stop_token_ids"),
+    (C, {"prompt": "x", "stop_token_ids": [2**63], "min_tokens": 1}, 400, "stop_token_ids"),
     (C, {"prompt": "x", "repetition_penalty": 1e-38}, 400, "repetition_penalty"),      # would overflow to NaN
     (C, {"prompt": "x", "stop_token_ids": list(range(258)), "min_tokens": 2}, 400, "vocabulary"),   # all banned
     (C, {"prompt": "x", "stop": [""]}, 400, "stop"),
@@ -418,7 +418,7 @@ BAD = [
     (CHAT, {"messages": MSG, "max_completion_tokens": 0}, 400, "max_tokens"),
     (CHAT, {"messages": MSG, "max_tokens": 1000}, 400, "256"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool"),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "yaml"}}, 400, "response_format"),
     (CHAT, {"messages": MSG, "model": "nope"}, 404, "nope"),
     ("/tokenize", {}, 400, "prompt"),
     ("/tokenize", {"messages": []}, 400, "messages"),

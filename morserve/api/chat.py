@@ -1,9 +1,10 @@
-"""POST /v1/chat/completions: messages through the model's chat template, then the same
-generation and streaming as completions, answered as assistant messages / deltas."""
+"""POST /v1/chat/completions: messages (and tools) through the model's chat template, then the same
+generation and streaming as completions, answered as assistant messages / deltas; with tools, the
+output becomes `tool_calls` (tools.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -11,7 +12,7 @@ from fastapi.responses import Response
 from morserve.api.errors import APIError, bad_request
 from morserve.api.generation import GENERATION_RESPONSES, ChoiceDelta, respond
 from morserve.api.logprobs import chat_logprobs
-from morserve.api.prompts import EnginePrompt, check_fits, check_prompt
+from morserve.api.prompts import check_fits, check_messages_length, text_prompt
 from morserve.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -25,6 +26,8 @@ from morserve.api.protocol import (
     random_id,
 )
 from morserve.api.state import get_state
+from morserve.api.structured import check_constraint, one_constraint, request_constraints
+from morserve.api.tools import ToolCallParser, ToolMode, finish_reason, tool_constraint, tool_mode
 from morserve.engine import AsyncLLMEngine, CompletionOutput, RequestOutput
 from morserve.tokenizer import Tokenizer
 
@@ -41,21 +44,24 @@ def _conversation(messages: list[ChatMessageParam]) -> list[dict]:
                                param="messages")
             content = "\n".join(part.text for part in content)
         message = {"role": m.role, "content": content or ""}
-        if m.name is not None:
-            message["name"] = m.name
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(m, key) is not None:
+                message[key] = getattr(m, key)
         conversation.append(message)
     return conversation
 
 
 def chat_prompt_text(engine: AsyncLLMEngine, model: str, messages: list[ChatMessageParam],
-                     add_generation_prompt: bool) -> str:
-    """The messages rendered by the model's chat template (400 when it has none or it fails)."""
+                     add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    """The messages (and tools, for templates that show them) rendered by the model's chat
+    template (400 when it has none or it fails)."""
     tokenizer = engine.tokenizer
     if tokenizer is None or not tokenizer.chat_template:
         raise APIError(400, f"the model `{model}` has no chat template: use /v1/completions with a plain prompt",
                        param="messages")
     try:
-        return tokenizer.apply_chat_template(_conversation(messages), add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(_conversation(messages), add_generation_prompt=add_generation_prompt,
+                                             tools=tools)
     except APIError:
         raise
     except Exception as exc:       # the template runs on client data: any failure is the request's
@@ -70,6 +76,13 @@ class ChatFormatter:
     num_choices: int
     top_logprobs: int | None
     return_depths: bool
+    tools: ToolMode | None = None
+    _parsers: dict[int, ToolCallParser] = field(default_factory=dict)
+
+    def _parser(self, index: int) -> ToolCallParser | None:
+        if self.tools is None:
+            return None
+        return self._parsers.setdefault(index, ToolCallParser(self.tools))
 
     def _logprobs(self, comp: CompletionOutput, start: int):
         if self.top_logprobs is None:
@@ -85,28 +98,40 @@ class ChatFormatter:
             for i in range(self.num_choices)]
 
     def stream_chunk(self, d: ChoiceDelta) -> ChatCompletionStreamResponse:
+        parser = self._parser(d.index)
+        if parser is None:
+            delta = DeltaMessage(content=d.text)
+        else:
+            content, calls = parser.feed(d.text, final=d.finish_reason is not None)
+            delta = DeltaMessage(content=content or None, tool_calls=calls or None)
         choice = ChatCompletionResponseStreamChoice(
-            index=d.index, delta=DeltaMessage(content=d.text), logprobs=self._logprobs(d.completion, d.start),
-            finish_reason=d.finish_reason, stop_reason=d.stop_reason, depths=self._depths(d.completion, d.start))
+            index=d.index, delta=delta, logprobs=self._logprobs(d.completion, d.start),
+            finish_reason=finish_reason(parser, d.finish_reason), stop_reason=d.stop_reason,
+            depths=self._depths(d.completion, d.start))
         return ChatCompletionStreamResponse(id=self.request_id, model=self.model, choices=[choice])
 
     def usage_chunk(self, usage: UsageInfo) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(id=self.request_id, model=self.model, choices=[], usage=usage)
 
+    def _message(self, comp: CompletionOutput) -> tuple[ChatMessage, str | None]:
+        parser = self._parser(comp.index)
+        if parser is None:
+            return ChatMessage(role="assistant", content=comp.text), comp.finish_reason
+        parser.feed(comp.text, final=True)
+        message = ChatMessage(role="assistant", content=parser.message_content(), tool_calls=parser.calls)
+        return message, finish_reason(parser, comp.finish_reason)
+
     def response(self, outputs: list[RequestOutput], usage: UsageInfo) -> ChatCompletionResponse:
-        choices = [ChatCompletionResponseChoice(      # one prompt: choice index = sequence index
-            index=comp.index, message=ChatMessage(role="assistant", content=comp.text),
-            logprobs=self._logprobs(comp, 0), finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
-            depths=self._depths(comp, 0)) for out in outputs for comp in out.outputs]
+        choices = []
+        for comp in (comp for out in outputs for comp in out.outputs):   # one prompt: index = sequence index
+            message, reason = self._message(comp)
+            choices.append(ChatCompletionResponseChoice(
+                index=comp.index, message=message, logprobs=self._logprobs(comp, 0), finish_reason=reason,
+                stop_reason=comp.stop_reason, depths=self._depths(comp, 0)))
         return ChatCompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage)
 
 
 def _check_supported(body: ChatCompletionRequest) -> None:
-    if body.tools and body.tool_choice != "none":
-        raise APIError(400, "tool calling is not supported", param="tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format {body.response_format.type!r} is not supported (only 'text')",
-                       param="response_format")
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
@@ -117,15 +142,20 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> R
     engine = state.ready_engine()
     model = state.check_model(body.model)
     _check_supported(body)
-    text = chat_prompt_text(engine, model, body.messages, body.add_generation_prompt)
-    prompts = [EnginePrompt(check_prompt(engine, engine.tokenizer.encode(text, add_special_tokens=False)), text)]
+    check_messages_length(engine, body.messages)
+    tools = tool_mode(body, engine.tokenizer)
+    constraint = one_constraint(request_constraints(body) + [c for c in [tool_constraint(tools)] if c is not None])
+    structured = await check_constraint(engine, constraint)
+    tool_dicts = [t.model_dump(exclude_none=True) for t in tools.tools] if tools is not None else None
+    text = chat_prompt_text(engine, model, body.messages, body.add_generation_prompt, tool_dicts)
+    prompts = [await text_prompt(engine, text)]
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     try:
-        params = body.sampling_params(max_tokens, top_logprobs)
+        params = body.sampling_params(max_tokens, top_logprobs, structured_outputs=structured)
     except ValueError as exc:
         raise bad_request(exc) from None
     check_fits(engine, prompts, params)
     request_id = random_id("chatcmpl")
-    formatter = ChatFormatter(request_id, model, engine.tokenizer, params.n, top_logprobs, body.return_depths)
+    formatter = ChatFormatter(request_id, model, engine.tokenizer, params.n, top_logprobs, body.return_depths, tools)
     return await respond(raw, state, prompts, params, request_id, formatter, bool(body.stream), body.stream_options)

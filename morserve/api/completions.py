@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from morserve.api.errors import APIError, bad_request
 from morserve.api.generation import GENERATION_RESPONSES, ChoiceDelta, respond
 from morserve.api.logprobs import completion_logprobs
-from morserve.api.prompts import EnginePrompt, check_fits, check_prompt
+from morserve.api.prompts import EnginePrompt, check_fits, completion_prompts
 from morserve.api.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -22,27 +22,11 @@ from morserve.api.protocol import (
     random_id,
 )
 from morserve.api.state import get_state
-from morserve.engine import AsyncLLMEngine, CompletionOutput, RequestOutput
+from morserve.api.structured import check_constraint, one_constraint, request_constraints
+from morserve.engine import CompletionOutput, RequestOutput
 from morserve.tokenizer import Tokenizer
 
 router = APIRouter()
-
-
-def engine_prompts(engine: AsyncLLMEngine, prompt: str | list) -> list[EnginePrompt]:
-    """The request's prompts as token ids (text through the tokenizer, BOS as the model wants)."""
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]
-    if not prompt:
-        raise APIError(400, "prompt is empty", param="prompt")
-    out = []
-    for p in prompt:
-        if isinstance(p, str):
-            if engine.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-            out.append(EnginePrompt(check_prompt(engine, engine.tokenizer.encode(p, add_special_tokens=True)), p))
-        else:
-            out.append(EnginePrompt(check_prompt(engine, list(p))))
-    return out
 
 
 @dataclass
@@ -104,10 +88,11 @@ async def create_completion(body: CompletionRequest, raw: Request) -> Response:
     model = state.check_model(body.model)
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
-    prompts = engine_prompts(engine, body.prompt)
+    prompts = await completion_prompts(engine, body.prompt)
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    structured = await check_constraint(engine, one_constraint(request_constraints(body)))
     try:
-        params = body.sampling_params(body.max_tokens, body.logprobs, prompt_logprobs)
+        params = body.sampling_params(body.max_tokens, body.logprobs, prompt_logprobs, structured_outputs=structured)
     except ValueError as exc:
         raise bad_request(exc) from None
     check_fits(engine, prompts, params)

@@ -16,7 +16,7 @@ from morserve.api.protocol import ErrorInfo, ErrorResponse
 logger = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-               405: "MethodNotAllowedError", 413: "RequestTooLargeError", 429: "RateLimitError",
+               405: "MethodNotAllowedError", 408: "RequestTimeoutError", 413: "RequestTooLargeError", 429: "RateLimitError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
@@ -48,7 +48,8 @@ def error_response(status: int, message: str, param: str | None = None,
 
 
 def bad_request(exc: ValueError) -> APIError:
-    return APIError(400, str(exc))
+    """A 400 for a refused value; the field it names (a ParamError's `param`) becomes `param`."""
+    return APIError(400, str(exc), getattr(exc, "param", None))
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:

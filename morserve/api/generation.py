@@ -5,7 +5,8 @@ Each prompt is one engine request (with n sequences); their output streams are m
 prompt_idx * n + i) for streaming, holding back the tail that could still turn out to be the start
 of a stop string, and computes usage. Closing it (client gone, error, normal end) cancels every
 engine stream still open, which aborts its request and frees its KV blocks at once. The admission
-ticket is released when the last engine stream has ended, however that happens.
+ticket is released when the last engine stream has ended, however that happens. `abort(error)`
+(the drain timing out) ends the request with that error, which its client receives.
 """
 
 from __future__ import annotations
@@ -23,10 +24,17 @@ from pydantic import BaseModel
 from morserve.api.errors import APIError, error_responses
 from morserve.api.metrics import ServerMetrics
 from morserve.api.prompts import EnginePrompt
-from morserve.api.protocol import StreamOptions, UsageInfo
+from morserve.api.protocol import StreamOptions, UsageInfo, now
 from morserve.api.state import Admission, ServerState
 from morserve.api.streaming import sse_response, stream_chunks
-from morserve.engine import AsyncLLMEngine, CompletionOutput, EngineDeadError, RequestOutput, SamplingParams
+from morserve.engine import (
+    AsyncLLMEngine,
+    CompletionOutput,
+    EngineDeadError,
+    RequestFailedError,
+    RequestOutput,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +115,14 @@ class Generation:
                  request_id: str, metrics: ServerMetrics, admission: Admission) -> None:
         self.engine, self.prompts, self.params = engine, prompts, params
         self.request_id, self.metrics, self.admission = request_id, metrics, admission
+        self.created = now()               # one `created` for the response and every chunk
         self.latest: list[RequestOutput | None] = [None] * len(prompts)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._open = len(prompts)
         self._peeked: tuple[int, RequestOutput] | None = None
         self._tracker = ChoiceTracker(len(prompts), params)
+        admission.on_abort = self.abort
         for idx, prompt in enumerate(prompts):
             task = asyncio.ensure_future(self._pump(idx, prompt))
             task.add_done_callback(self._stream_ended)
@@ -133,8 +143,8 @@ class Generation:
             self._queue.put_nowait((idx, self._END))
         except ValueError as exc:          # rejected before it started
             accepted = False
-            self._queue.put_nowait((idx, APIError(400, str(exc))))
-        except EngineDeadError as exc:
+            self._queue.put_nowait((idx, APIError(400, str(exc), getattr(exc, "param", None))))
+        except (EngineDeadError, RequestFailedError) as exc:
             self._queue.put_nowait((idx, APIError(500, str(exc))))
         except Exception as exc:           # a bug: answer 500 rather than leave the request hanging
             logger.exception("engine stream failed", exc_info=exc)
@@ -149,6 +159,12 @@ class Generation:
         async for item in self._events():
             self._peeked = item
             break
+
+    def abort(self, error: APIError) -> None:
+        """End now: every engine stream is cancelled, and the client's next read is `error`."""
+        self._queue.put_nowait((-1, error))
+        for task in self._tasks:
+            task.cancel()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -187,6 +203,10 @@ class Generation:
                 if delta is not None:
                     yield delta
 
+    def stamp(self, response: BaseModel) -> BaseModel:
+        response.created = self.created
+        return response
+
     def usage(self) -> UsageInfo:
         prompt = sum(len(p.token_ids) for p in self.prompts)
         completion = sum(len(c.token_ids) for out in self.latest if out is not None for c in out.outputs)
@@ -222,7 +242,7 @@ async def respond(raw: Request, state: ServerState, prompts: list[EnginePrompt],
             outputs = await gen.final_outputs()
         finally:
             await gen.close()
-        return formatter.response(outputs, gen.usage())
+        return gen.stamp(formatter.response(outputs, gen.usage()))
 
     work = asyncio.ensure_future(collect())
     watcher = asyncio.ensure_future(_client_gone(raw))

@@ -1,12 +1,17 @@
-"""Prompts as the engine takes them (token ids), and the checks that turn every request the
-engine would refuse, or could not survive, into a 400 before anything starts."""
+"""Prompts as the engine takes them (token ids), and the engine's own input checks
+(morserve.engine.input_checks) run before anything starts, so every request the engine would
+refuse is a 400 naming the field. Text is bounded by its length before it is tokenized (a prompt
+too long for the context in any tokenization is refused at once), and tokenized in a worker thread,
+so a huge prompt never holds up the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from morserve.api.errors import APIError
-from morserve.engine import AsyncLLMEngine, SamplingParams
+from morserve.engine import AsyncLLMEngine, ParamError, SamplingParams
+from morserve.engine.input_checks import check_request, check_text_length, check_token_ids
 
 
 @dataclass
@@ -15,36 +20,82 @@ class EnginePrompt:
     text: str | None = None        # the prompt as the client sent it, when it was text
 
 
+def _refused(exc: ParamError) -> APIError:
+    return APIError(400, str(exc), exc.param)
+
+
 def check_prompt(engine: AsyncLLMEngine, ids: list[int]) -> list[int]:
     """400 for an empty prompt or a token id outside the vocabulary."""
     if not ids:
         raise APIError(400, "prompt is empty", param="prompt")
-    vocab = engine.model_config.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise APIError(400, f"prompt token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
-    return ids
+    try:
+        return check_token_ids(ids, engine.limits)
+    except ParamError as exc:
+        raise _refused(exc) from None
+
+
+def check_length(engine: AsyncLLMEngine, num_chars: int, param: str) -> None:
+    """400 for text too long for the context whatever its tokenization (before tokenizing it)."""
+    try:
+        check_text_length(num_chars, engine.limits, param)
+    except ParamError as exc:
+        raise _refused(exc) from None
+
+
+def _tokenizer(engine: AsyncLLMEngine):
+    if engine.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+    return engine.tokenizer
+
+
+async def tokenize(engine: AsyncLLMEngine, texts: list[str], add_special_tokens: bool,
+                   param: str = "prompt") -> list[list[int]]:
+    """Token ids of each text, tokenized in a worker thread after the length bound."""
+    tokenizer = _tokenizer(engine)
+    check_length(engine, max(map(len, texts), default=0), param)
+    return await asyncio.to_thread(lambda: [tokenizer.encode(t, add_special_tokens=add_special_tokens)
+                                            for t in texts])
+
+
+async def text_prompt(engine: AsyncLLMEngine, text: str, add_special_tokens: bool = False) -> EnginePrompt:
+    """One text prompt (a rendered chat, say) as an EnginePrompt."""
+    (ids,) = await tokenize(engine, [text], add_special_tokens)
+    return EnginePrompt(check_prompt(engine, ids), text)
+
+
+async def completion_prompts(engine: AsyncLLMEngine, prompt: str | list, add_special_tokens: bool = True,
+                             truncate: int | None = None) -> list[EnginePrompt]:
+    """The request's prompts (a text, texts, token ids or lists of them) as token ids; with
+    `truncate`, only each prompt's last `truncate` tokens (vLLM's truncate_prompt_tokens)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    texts = [p for p in prompt if isinstance(p, str)]
+    encoded = iter(await tokenize(engine, texts, add_special_tokens) if texts else [])
+    out = []
+    for p in prompt:
+        ids = next(encoded) if isinstance(p, str) else list(p)
+        if truncate is not None:
+            ids = ids[-truncate:]
+        out.append(EnginePrompt(check_prompt(engine, ids), p if isinstance(p, str) and truncate is None else None))
+    return out
 
 
 def check_fits(engine: AsyncLLMEngine, prompts: list[EnginePrompt], params: SamplingParams) -> None:
-    """400 naming the numbers when a prompt (plus max_tokens) does not fit the context, a stop token
-    id is outside the vocabulary, or min_tokens would ban every token (EOS + stop ids)."""
-    limit, vocab = engine.max_model_len, engine.model_config.vocab_size
-    bad_stops = [t for t in params.stop_token_ids if t >= vocab]
-    if bad_stops:
-        raise APIError(400, f"stop_token_ids must be in [0, {vocab}), got {bad_stops[:5]}", param="stop_token_ids")
-    eos = engine.tokenizer.eos_token_ids if engine.tokenizer is not None else engine.model_config.eos_token_ids
-    banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
-    if params.min_tokens and len(banned) >= vocab:
-        raise APIError(400, "with min_tokens > 0, stop_token_ids and EOS may not cover the whole vocabulary",
-                       param="stop_token_ids")
+    """The engine's checks of each prompt with these params (context, KV pages, banned tokens,
+    logit_bias ids), as 400s naming the field."""
     for p in prompts:
-        n = len(p.token_ids)
-        if params.max_tokens is None and n >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your "
-                                f"request has {n} input tokens. Please reduce the length of the input.")
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} in the "
-                                f"completion). Please reduce the length of the prompt or max_tokens.",
-                           param="max_tokens")
+        try:
+            check_request(p.token_ids, params, engine.limits)
+        except ParamError as exc:
+            raise _refused(exc) from None
+
+
+def check_messages_length(engine: AsyncLLMEngine, messages: list) -> None:
+    """The length bound over chat messages' text, before the chat template renders them."""
+    def chars(content) -> int:
+        if isinstance(content, str):
+            return len(content)
+        return sum(len(part.text or "") for part in content or [])
+    check_length(engine, sum(chars(m.content) for m in messages), "messages")

@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from morserve.engine.sampling_params import SamplingParams
+from morserve.engine.structured import StructuredOutputsParams
 
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 TokenId = Annotated[StrictInt, Field(ge=0)]
@@ -57,6 +58,31 @@ class StreamOptions(RequestModel):
     continuous_usage_stats: bool | None = False
 
 
+class JsonSchemaFormat(RequestModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(RequestModel):
+    """vLLM's `structured_outputs`: one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
 class SamplingRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -81,9 +107,16 @@ class SamplingRequest(RequestModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     return_depths: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """The engine's SamplingParams (raises ValueError naming a bad value)."""
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
@@ -104,7 +137,7 @@ class SamplingRequest(RequestModel):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=repetition_penalty,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, structured_outputs=structured_outputs)
 
 
 class CompletionRequest(SamplingRequest):
@@ -135,10 +168,29 @@ class ChatMessageParam(RequestModel):
     role: str
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None      # an assistant turn's calls, for the template
+    tool_call_id: str | None = None                     # a tool turn's answer to this call
 
 
-class ResponseFormat(RequestModel):
-    type: str = "text"
+class FunctionDefinition(RequestModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -148,9 +200,9 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = 0
     add_generation_prompt: bool = True
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
 
 
 class TokenizeCompletionRequest(RequestModel):
@@ -231,10 +283,33 @@ class CompletionStreamResponse(CompletionResponse):
     """One SSE chunk; the usage-only last chunk has `choices: []`."""
 
 
+class FunctionCall(ResponseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(ResponseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl-tool"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(ResponseModel):
+    name: str | None = Field(None, exclude_if=_without_none)
+    arguments: str | None = Field(None, exclude_if=_without_none)
+
+
+class DeltaToolCall(ResponseModel):
+    index: int
+    id: str | None = Field(None, exclude_if=_without_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_without_none)
+    function: DeltaFunctionCall
+
+
 class ChatMessage(ResponseModel):
     role: str
     content: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionLogProb(ResponseModel):
@@ -269,6 +344,7 @@ class ChatCompletionResponse(GenerationResponse):
 class DeltaMessage(ResponseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_without_none)
 
 
 class ChatCompletionResponseStreamChoice(ResponseModel):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -11,6 +13,8 @@ import morserve
 from morserve.api import chat, completions
 from morserve.api.chat import chat_prompt_text
 from morserve.api.errors import APIError, error_response, error_responses
+from morserve.api.prompts import check_messages_length
+from morserve.api.prompts import tokenize as tokenize_texts
 from morserve.api.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -44,12 +48,23 @@ async def version() -> VersionResponse:
     return VersionResponse(version=morserve.__version__)
 
 
-@router.get("/v1/models", response_model=ModelList)
-async def list_models(raw: Request) -> ModelList:
+def _model_cards(raw: Request) -> list[ModelCard]:
     state = get_state(raw)
     max_len = state.engine.max_model_len if state.engine is not None else None
-    return ModelList(data=[ModelCard(id=name, root=state.settings.model, max_model_len=max_len)
-                           for name in state.settings.served_model_names])
+    return [ModelCard(id=name, root=state.settings.model, max_model_len=max_len)
+            for name in state.settings.served_model_names]
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(raw: Request) -> ModelList:
+    return ModelList(data=_model_cards(raw))
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404))
+async def retrieve_model(model_id: str, raw: Request) -> ModelCard:
+    """One served model (OpenAI's retrieve-model); 404 for a name this server does not serve."""
+    get_state(raw).check_model(model_id)
+    return next(card for card in _model_cards(raw) if card.id == model_id)
 
 
 def _tokenizer(engine: AsyncLLMEngine) -> Tokenizer:
@@ -70,8 +85,9 @@ async def tokenize(body: TokenizeRequest, raw: Request) -> TokenizeResponse:
     if isinstance(body, TokenizeCompletionRequest):
         text = body.prompt
     else:
+        check_messages_length(engine, body.messages)
         text = chat_prompt_text(engine, model, body.messages, body.add_generation_prompt)
-    ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    (ids,) = await tokenize_texts(engine, [text], body.add_special_tokens)
     strs = [tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
 
@@ -86,7 +102,7 @@ async def detokenize(body: DetokenizeRequest, raw: Request) -> DetokenizeRespons
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
-    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=await asyncio.to_thread(tokenizer.decode, body.tokens))
 
 
 @router.get("/tokenizer_info", response_model=TokenizerInfoResponse, responses=ENGINE_ERRORS)

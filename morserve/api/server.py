@@ -3,8 +3,10 @@
 The app answers at once; the engine is built in a daemon thread (/health 503 until it is ready) and
 then runs in its own thread, so the event loop never waits on the model. SIGTERM / SIGINT drain:
 /health and new generation requests answer 503, running requests finish (for at most
---shutdown-timeout seconds, then they are aborted), the engine stops, the process exits 0. A second
-signal exits at once.
+--shutdown-timeout seconds; then each is aborted with a 503 error body, or a final error event and
+`[DONE]` for a stream), the engine stops, the process exits 0. A second signal exits at once.
+Slow or oversized clients are bounded by limits.py (body size, header / body read timeouts,
+keep-alive timeout).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import uvicorn
 from fastapi import FastAPI
 
 import morserve
-from morserve.api.errors import install_error_handlers
+from morserve.api.errors import APIError, install_error_handlers
+from morserve.api.limits import BodyLimitMiddleware, header_timeout_protocol
 from morserve.api.metrics import ServerMetrics
 from morserve.api.middleware import RequestMiddleware
 from morserve.api.routes import router
@@ -35,6 +38,7 @@ logger = logging.getLogger("morserve.api")
 
 DEFAULT_MODEL = EngineArgs.model
 EngineFactory = Callable[[], AsyncLLMEngine]
+ABORT_GRACE_S = 0.5            # after aborting at the shutdown timeout, for the error bodies to go out
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BYTE_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:iB|B)?|B)?", re.IGNORECASE)
 
@@ -91,7 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-force-include-usage", action="store_true",
                    help="send usage in every stream, as if stream_options.include_usage were set")
     p.add_argument("--vllm-metric-names", action="store_true",
-                   help="also export vllm:num_requests_waiting/running and vllm:kv_cache_usage_perc")
+                   help="also export every metric vLLM has under its vllm: name (for vLLM dashboards and gateways)")
+    p.add_argument("--max-request-body-bytes", type=byte_size, default=ServerSettings.max_request_body_bytes,
+                   metavar="BYTES", help="larger request bodies get 413 (default 16M)")
+    p.add_argument("--header-read-timeout", type=float, default=ServerSettings.header_read_timeout,
+                   help="seconds a connection gets to send a request's headers; then it is closed")
+    p.add_argument("--body-read-timeout", type=float, default=ServerSettings.body_read_timeout,
+                   help="seconds a request gets to send its whole body; then 408")
+    p.add_argument("--keep-alive-timeout", type=float, default=ServerSettings.keep_alive_timeout,
+                   help="seconds an idle keep-alive connection stays open")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
 
@@ -113,7 +125,16 @@ def server_settings(ns: argparse.Namespace) -> ServerSettings:
                           max_num_seqs=ns.max_num_seqs,
                           max_num_queued_reqs=None if ns.max_num_queued_reqs < 0 else ns.max_num_queued_reqs,
                           api_key=ns.api_key, enable_force_include_usage=ns.enable_force_include_usage,
-                          vllm_metric_names=ns.vllm_metric_names)
+                          vllm_metric_names=ns.vllm_metric_names, max_request_body_bytes=ns.max_request_body_bytes,
+                          header_read_timeout=ns.header_read_timeout, body_read_timeout=ns.body_read_timeout,
+                          keep_alive_timeout=ns.keep_alive_timeout)
+
+
+def uvicorn_config(app: FastAPI, **kwargs) -> uvicorn.Config:
+    """uvicorn's config for the app, with the server's connection limits (limits.py)."""
+    settings: ServerSettings = app.state.server.settings
+    return uvicorn.Config(app, http=header_timeout_protocol(settings.header_read_timeout),
+                          timeout_keep_alive=settings.keep_alive_timeout, **kwargs)
 
 
 async def _build_in_thread(factory: EngineFactory) -> AsyncLLMEngine:
@@ -167,6 +188,8 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory,
     app.state.server = state
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
+                       timeout=settings.body_read_timeout)
     app.add_middleware(RequestMiddleware, api_key=settings.api_key)
     return app
 
@@ -198,6 +221,10 @@ class DrainingServer(uvicorn.Server):
                     self.state.in_flight_requests, self.shutdown_timeout)
         if not await self.state.wait_idle(self.shutdown_timeout):
             logger.warning("shutdown timeout: aborting %d request(s)", self.state.in_flight_requests)
+            self.state.abort_all(APIError(503, f"the server shut down: the request was aborted after the "
+                                               f"{self.shutdown_timeout:g} s drain (--shutdown-timeout)"))
+            await self.state.wait_idle(ABORT_GRACE_S)
+            await asyncio.sleep(ABORT_GRACE_S)           # the error bodies reach their clients
         self.should_exit = True
 
 
@@ -218,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     app = create_app(server_settings(ns), lambda: AsyncLLMEngine.from_args(eargs), on_load_failure)
-    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
+    config = uvicorn_config(app, host=ns.host, port=ns.port, log_level=ns.log_level,
                             timeout_graceful_shutdown=2, access_log=ns.log_level in ("debug", "trace"))
     server = DrainingServer(config, app.state.server, ns.shutdown_timeout)
     server.run()

@@ -4,12 +4,14 @@ Lifecycle: `loading` (the engine is built in a thread; /health 503) -> `ready` -
 (after SIGTERM: /health 503, new generation requests 503, running ones finish) or `failed`.
 Admission counts engine sequences (prompts x n) in flight: up to `max_num_seqs` run, at most
 `max_num_queued_reqs` more may wait; a request that would not fit now gets 429 + Retry-After, one
-that could never fit a 400.
+that could never fit a 400. When the drain times out, `abort_all` ends every admitted request
+with an error its client receives (a JSON error body, or a stream's final error event).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -29,6 +31,10 @@ class ServerSettings:
     enable_force_include_usage: bool = False
     vllm_metric_names: bool = False
     retry_after_s: int = 1
+    max_request_body_bytes: int = 16 << 20
+    header_read_timeout: float = 10.0
+    body_read_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
 
     @property
     def model_name(self) -> str:
@@ -45,6 +51,7 @@ class ServerState:
     in_flight_seqs: int = 0
     in_flight_requests: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _admitted: set[Admission] = field(default_factory=set)
 
     @property
     def phase(self) -> str:
@@ -84,7 +91,16 @@ class ServerState:
         self.in_flight_seqs += num_seqs
         self.in_flight_requests += 1
         self._idle.clear()
-        return Admission(self, num_seqs)
+        admission = Admission(self, num_seqs)
+        self._admitted.add(admission)
+        return admission
+
+    def abort_all(self, error: APIError) -> int:
+        """End every admitted request now with `error` (its client receives it); returns how many."""
+        admitted = [a for a in self._admitted if a.on_abort is not None]
+        for admission in admitted:
+            admission.on_abort(error)
+        return len(admitted)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no admitted request is in flight; False on timeout."""
@@ -96,8 +112,9 @@ class ServerState:
         except TimeoutError:
             return False
 
-
-    def _release(self, num_seqs: int) -> None:
+    def _release(self, admission: Admission) -> None:
+        self._admitted.discard(admission)
+        num_seqs = admission.num_seqs
         self.in_flight_seqs -= num_seqs
         self.in_flight_requests -= 1
         if self.in_flight_requests == 0:
@@ -109,12 +126,14 @@ def get_state(request: Request) -> ServerState:
 
 
 class Admission:
-    """One admitted request's share of the in-flight count; release() is idempotent."""
+    """One admitted request's share of the in-flight count; release() is idempotent. `on_abort`
+    (set by whoever runs the request) ends the request with an error, for `abort_all`."""
 
     def __init__(self, state: ServerState, num_seqs: int) -> None:
         self.state, self.num_seqs, self.released = state, num_seqs, False
+        self.on_abort: Callable[[APIError], None] | None = None
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.state._release(self.num_seqs)
+            self.state._release(self)

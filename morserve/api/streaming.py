@@ -1,7 +1,8 @@
-"""Server-sent events, shared by completions and chat: `data: {json}\\n\\n` delta chunks, a last
-chunk with `choices: []` and `usage` when asked for, an error after the stream began as
-`data: {"error": {...}}`, and always `data: [DONE]` at the end. Leaving the stream early (client
-gone) closes the Generation, which aborts its engine requests."""
+"""Server-sent events, shared by completions and chat: `data: {json}\\n\\n` delta chunks (every
+chunk with the request's one `created` time), a last chunk with `choices: []` and `usage` when
+asked for, an error after the stream began as `data: {"error": {...}}`, and always `data: [DONE]`
+at the end. Leaving the stream early (client gone) closes the Generation, which aborts its engine
+requests."""
 
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ async def stream_chunks(gen: Generation, formatter: ResponseFormatter, include_u
     """The response objects of one streamed request, in order."""
     try:
         for chunk in formatter.stream_prefix():
-            yield chunk
+            yield gen.stamp(chunk)
         async for delta in gen.deltas():
             chunk = formatter.stream_chunk(delta)
             if continuous_usage:
                 chunk.usage = gen.usage()
-            yield chunk
+            yield gen.stamp(chunk)
         if include_usage:
-            yield formatter.usage_chunk(gen.usage())
+            yield gen.stamp(formatter.usage_chunk(gen.usage()))
     finally:
         await gen.close()
 

@@ -5,6 +5,8 @@ from morserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from morserve.engine.llm import LLM
 from morserve.engine.llm_engine import LLMEngine, TickStats
 from morserve.engine.outputs import CompletionOutput, RequestOutput
-from morserve.engine.sampling_params import SamplingParams
+from morserve.engine.request_failures import RequestFailedError
+from morserve.engine.sampling_params import ParamError, SamplingParams
 
-__all__ = ["AsyncLLMEngine", "CompletionOutput", "EngineDeadError", "EngineArgs", "LLM", "LLMEngine", "RequestOutput", "SamplingParams", "TickStats"]
+__all__ = ["AsyncLLMEngine", "CompletionOutput", "EngineDeadError", "EngineArgs", "LLM", "LLMEngine", "ParamError",
+           "RequestFailedError", "RequestOutput", "SamplingParams", "TickStats"]

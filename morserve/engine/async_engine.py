@@ -3,7 +3,8 @@
 The event loop never waits on a tick: requests and aborts are queued as commands that the engine
 thread applies between ticks, and outputs travel back with `call_soon_threadsafe`. A stream that
 is closed early (client gone, task cancelled) aborts its request, which frees its KV pages before
-the next tick.
+the next tick. A request the engine refuses gets its ValueError; one that fails inside the engine
+(while being added or sampled) gets a RequestFailedError, and every other request goes on.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import AsyncIterator, Callable
 
 from morserve.engine.args import EngineArgs
 from morserve.engine.llm_engine import LLMEngine, TickStats
+from morserve.engine.input_checks import EngineLimits
 from morserve.engine.outputs import RequestOutput
+from morserve.engine.request_failures import RequestFailedError
 from morserve.engine.sampling_params import SamplingParams
+from morserve.engine.structured import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ class AsyncLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def limits(self) -> EngineLimits:
+        return self.engine.limits
 
     @property
     def last_tick(self) -> TickStats:
@@ -97,6 +105,13 @@ class AsyncLLMEngine:
                 self._commands.put(("abort", request_id))
                 self._wakeup.set()
 
+    async def check_structured(self, spec: StructuredOutputsParams) -> None:
+        """Compile a structured-output constraint in a worker thread (ValueError if it is invalid);
+        the compiler caches it for the request that follows."""
+        if self.engine.structured is None:
+            raise ValueError("structured outputs need the model's tokenizer; this model has none")
+        await asyncio.to_thread(self.engine.structured.compile, spec)
+
     async def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
         self._commands.put(("abort", request_id))
@@ -132,6 +147,9 @@ class AsyncLLMEngine:
                     self.engine.add_request(rid, prompt, params)
                 except ValueError as exc:
                     self._deliver(rid, exc)
+                except Exception as exc:       # noqa: BLE001 - this request's failure alone
+                    logger.exception("adding request %s failed", rid)
+                    self._deliver(rid, RequestFailedError(f"request failed: {type(exc).__name__}: {exc}"))
             else:
                 self.engine.abort_request(cmd[1])
 
@@ -144,7 +162,7 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
                     continue
                 for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                    self._deliver(out.request_id, out if out.error is None else RequestFailedError(out.error))
             except Exception as exc:   # a bug, not bad input: fail every stream, keep nothing
                 logger.exception("engine step failed")
                 self.error = exc

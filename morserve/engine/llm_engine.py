@@ -25,6 +25,7 @@ produced it (the last input token); the dense reference's `depths[prompt_len - 1
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Callable
 
 import torch
@@ -33,18 +34,23 @@ from morserve.config import ModelConfig
 from morserve.engine.args import EngineArgs
 from morserve.engine.cuda_graphs import graph_sizes
 from morserve.engine.decode_loop import DecodeLoop
+from morserve.engine.input_checks import EngineLimits, banned_ids, check_request, prompt_token_ids
 from morserve.engine.kv_cache import BlockManager
 from morserve.engine.multi_step import LoopFlight, MultiStep
 from morserve.engine.output_processor import OutputProcessor, finish
 from morserve.engine.outputs import RequestOutput
+from morserve.engine.request_failures import sample_each
 from morserve.engine.runner import ModelRunner
-from morserve.engine.sampler import Sampled, SamplingRow, as_int64, is_plain, plain_tail, prompt_logprobs, sample
+from morserve.engine.sampler import Sampled, SamplingRow, as_int64, is_plain, plain_tail, prompt_logprobs
 from morserve.engine.sampling_params import SamplingParams
 from morserve.engine.scheduler import Scheduler
 from morserve.engine.sequence import Chunk, Request, Sequence
 from morserve.engine.stages import CacheStages
 from morserve.engine.stats import TickRecorder, TickStats
+from morserve.engine.structured import StructuredBackend
 from morserve.model.mor import MoRModel
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LLMEngine", "TickStats"]
 
@@ -77,6 +83,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(args.seed)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids)
+        self.structured = StructuredBackend(tokenizer, cfg.vocab_size, sorted(self.eos_ids)) if tokenizer else None
+        self.limits = EngineLimits(cfg.vocab_size, self.max_model_len, frozenset(self.eos_ids), num_pages,
+                                   self._worst_pages, getattr(tokenizer, "max_token_chars", None))
         self.recorder = TickRecorder(cfg.mor.num_recursions, self.blocks, self.scheduler)
         self.processor = OutputProcessor(tokenizer, self.eos_ids, self.max_model_len, self._retire)
         self.decode_loop: DecodeLoop | None = None
@@ -123,49 +132,29 @@ class LLMEngine:
         params.validate()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self._prompt_ids(prompt)
-        limit = self.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit} tokens "
-                             f"(max_model_len), leaving no room for output")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
-        if len(ids) + max_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = "
-                             f"{len(ids) + max_tokens} exceeds the model's context of {limit} tokens")
-        worst = self._worst_pages(len(ids) + max_tokens)
-        if worst > self.blocks.num_pages:
-            raise ValueError(f"prompt + max_tokens = {len(ids) + max_tokens} tokens may need {worst} "
-                             f"KV pages, more than the whole cache ({self.blocks.num_pages})")
-        if params.min_tokens and len(self._banned_ids(params)) >= self.model_config.vocab_size:
-            raise ValueError(f"min_tokens={params.min_tokens} would ban every token: EOS and stop_token_ids "
-                             f"cover the whole vocabulary ({self.model_config.vocab_size} tokens)")
+        text, ids = prompt_token_ids(prompt, self.tokenizer, self.limits)
+        max_tokens = check_request(ids, params, self.limits)
+        grammar = self._compile_grammar(params)
         if params.max_tokens is None:
             params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
         req = Request(request_id, text, ids, params)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(params.n):
-            seq = Sequence(next(self._seq_ids), req, i, list(ids), self._seed(params, i))
+            seq = Sequence(next(self._seq_ids), req, i, list(ids), self._seed(params, i),
+                           grammar=self.structured.state(grammar) if grammar is not None else None)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
         return req
 
-    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        vocab = self.model_config.vocab_size
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            text = prompt
-        else:
-            ids, text = list(prompt), None
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
-        if not ids:
-            raise ValueError("prompt is empty")
-        return text, ids
+    def _compile_grammar(self, params: SamplingParams):
+        """The request's compiled structured-output constraint, if it has one."""
+        if params.structured_outputs is None:
+            return None
+        if self.structured is None:
+            raise ValueError("structured outputs need the model's tokenizer; this model has none")
+        return self.structured.compile(params.structured_outputs)
 
     def _seed(self, params: SamplingParams, index: int) -> int:
         """Completion `index`'s sampling seed: from the request's seed (any integer, reduced mod
@@ -173,11 +162,6 @@ class LLMEngine:
         if params.seed is not None:
             return (params.seed * 1_000_003 + index) % 2**64
         return int(torch.randint(0, 2**62, (1,), generator=self._rng))
-
-    def _banned_ids(self, params: SamplingParams) -> list[int]:
-        """Tokens that may not be sampled before min_tokens: EOS (unless ignore_eos) and stop ids."""
-        ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        return sorted(t for t in ids if t < self.model_config.vocab_size)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free everything it holds at once (no-op if unknown/finished)."""
@@ -281,16 +265,20 @@ class LLMEngine:
         if sample_rows:
             sample_logits = logits if len(sample_rows) == len(logits) else self._rows(logits, sample_rows)
             for (seq, depth), result in zip(sample_seqs, self._sample(sample_logits, sampling)):
-                self.processor.append_token(seq, result, depth)
+                if isinstance(result, Exception):
+                    self._fail(seq.request, result)
+                elif not seq.finished:       # (another sequence of a failed request)
+                    self.processor.append_token(seq, result, depth)
                 touched.add(seq.request)
             stats.num_generated_tokens = len(sample_rows)
         return touched
 
     @staticmethod
-    def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None]:
-        """The sampler; a batch of plain rows (sampler.is_plain) takes the decode loop's tail."""
+    def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None | Exception]:
+        """The sampler; a batch of plain rows (sampler.is_plain) takes the decode loop's tail. A
+        row whose sampling raises gets its exception in place of its result (request_failures)."""
         if not all(is_plain(row.params, row.banned) for row in rows):
-            return sample(logits, rows)
+            return sample_each(logits, rows)
         dev = logits.device
         temperatures = torch.tensor([row.params.temperature for row in rows], dtype=torch.float32, device=dev)
         seeds = torch.tensor([as_int64(row.seed) for row in rows], device=dev)
@@ -322,9 +310,21 @@ class LLMEngine:
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.request.params
-        banned = self._banned_ids(params) if len(seq.output_ids) < params.min_tokens else []
+        banned = banned_ids(params, self.limits) if len(seq.output_ids) < params.min_tokens else []
+        allowed = seq.grammar.next_mask(seq.output_ids) if seq.grammar is not None else None
         return SamplingRow(params, seq.request.prompt_token_ids, seq.output_ids, banned, seq.seed,
-                           len(seq.token_ids))
+                           len(seq.token_ids), allowed)
+
+    def _fail(self, req: Request, exc: Exception) -> None:
+        """A failure that is this request's alone (its sampling raised): it ends with the error,
+        every other request goes on."""
+        logger.error("request %s failed: %r", req.request_id, exc)
+        req.error = f"request failed: {type(exc).__name__}: {exc}"
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                finish(seq, "abort", None)
+        self.requests.pop(req.request_id, None)
 
     def check_no_leak(self) -> bool:
         """True when nothing is in flight and every KV page and pool row is free."""

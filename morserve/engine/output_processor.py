@@ -41,7 +41,19 @@ class OutputProcessor:
             if result.top is not None:
                 seq.logprobs.append(result.top)
             self._check_stop(seq, result.token)
+            if seq.grammar is not None and not seq.finished:
+                self._advance_grammar(seq, result.token)
         self._retire_if_finished(seq)
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token: int) -> None:
+        """The matcher takes the token; a complete grammar (its EOS taken) ends the output."""
+        if not seq.grammar.accept(token):        # cannot happen under the mask: fail alone, loudly
+            logger.error("request %s: token %d rejected by its grammar; aborting its sequence %d",
+                         seq.request.request_id, token, seq.index)
+            finish(seq, "abort", None)
+        elif seq.grammar.terminated:
+            finish(seq, "stop", None)
 
     def append_burst(self, seq: Sequence, tokens: list[int], depths: list[int], logprobs: list[float]) -> int:
         """The decode loop's tokens for one sequence, in order, up to its first stop (EOS, a stop
@@ -150,4 +162,5 @@ class OutputProcessor:
         return RequestOutput(request_id=req.request_id, prompt=req.prompt,
                              prompt_token_ids=list(req.prompt_token_ids), outputs=outs,
                              prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
-                             finished=req.finished, num_preemptions=req.num_preemptions)
+                             finished=req.finished, num_preemptions=req.num_preemptions, error=req.error,
+                             arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time)

@@ -33,3 +33,6 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # first entry None (no context)
     finished: bool = False
     num_preemptions: int = 0
+    error: str | None = None            # set when the request failed in the engine (it is finished)
+    arrival_time: float | None = None           # time.monotonic() when it reached the engine
+    first_scheduled_time: float | None = None   # ... when it was first scheduled (None: still waiting)

@@ -1,9 +1,10 @@
 """Turns a batch of logits rows into next tokens, on the logits' device, in a fixed number of
-batched operations: penalties, banned tokens (min_tokens), temperature, top-k / min-p / top-p, then
-greedy argmax or an inverse-CDF draw. The draw's uniform number is a hash of the sequence's seed
-and the position of the token being drawn (counter-based, no generator state), so a seeded request
-samples the same tokens whatever else shares its batch, after a preemption, and whether the engine
-or the device decode loop (decode_loop.py, which calls the same functions) drew them.
+batched operations: penalties, logit_bias, banned tokens (min_tokens), the structured-output
+grammar's mask, temperature, top-k / min-p / top-p, then greedy argmax or an inverse-CDF draw. The
+draw's uniform number is a hash of the sequence's seed and the position of the token being drawn
+(counter-based, no generator state), so a seeded request samples the same tokens whatever else
+shares its batch, after a preemption, and whether the engine or the device decode loop
+(decode_loop.py, which calls the same functions) drew them.
 
 Overflow is tamed rather than propagated: logits pushed to +inf (a tiny repetition penalty, a tiny
 temperature) become the largest finite float, NaN becomes -inf. A row left with no finite logit
@@ -32,6 +33,7 @@ class SamplingRow:
     banned: list[int]                      # never chosen (EOS / stop ids before min_tokens)
     seed: int                              # the sequence's sampling seed, in [0, 2**64)
     position: int                          # index of the token being drawn in the sequence
+    allowed: torch.Tensor | None = None    # structured outputs: packed int32 bitmask of allowed tokens
 
 
 @dataclass
@@ -78,6 +80,31 @@ def _ban(x: torch.Tensor, rows: list[SamplingRow]) -> None:
     if with_bans:
         row_idx, tok_idx = _row_index([rows[i].banned for i in with_bans], with_bans)
         x[row_idx.to(x.device), tok_idx.to(x.device)] = float("-inf")
+
+
+def _bias(x: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """logit_bias: each row's {token id: bias} added to its logits."""
+    biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    if biased:
+        row_idx, tok_idx = _row_index([list(rows[i].params.logit_bias) for i in biased], biased)
+        bias = torch.tensor([b for i in biased for b in rows[i].params.logit_bias.values()], dtype=x.dtype)
+        x.index_put_((row_idx.to(x.device), tok_idx.to(x.device)), bias.to(x.device), accumulate=True)
+
+
+def unpack_bitmask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, W] int32 packed bitmasks (bit j of word i = token 32 i + j) -> [R, vocab_size] bool."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words.to(torch.int32)[:, :, None] >> shifts) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab_size].bool()
+
+
+def _mask_disallowed(x: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Structured outputs: -inf for the tokens a row's grammar does not allow next."""
+    masked = [i for i, row in enumerate(rows) if row.allowed is not None]
+    if masked:
+        words = torch.stack([rows[i].allowed for i in masked]).to(x.device)
+        sel = torch.tensor(masked, device=x.device)
+        x[sel] = x[sel].masked_fill(~unpack_bitmask(words, x.shape[1]), float("-inf"))
 
 
 def _truncate_sorted(sorted_p: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -150,11 +177,12 @@ def _draw(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 
 def is_plain(params: SamplingParams, banned: list[int]) -> bool:
-    """Greedy or plain temperature sampling: no penalties, bans, truncation or top-N logprobs, so
-    `plain_tail` computes the row's token exactly as `sample` does."""
+    """Greedy or plain temperature sampling: no penalties, logit_bias, bans, grammar, truncation or
+    top-N logprobs, so `plain_tail` computes the row's token exactly as `sample` does."""
     return (not banned and params.top_k <= 0 and params.top_p >= 1.0 and params.min_p <= 0
             and params.logprobs in (None, 0) and params.repetition_penalty == 1.0
-            and not params.presence_penalty and not params.frequency_penalty)
+            and not params.presence_penalty and not params.frequency_penalty and not params.logit_bias
+            and params.structured_outputs is None)
 
 
 def plain_tail(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
@@ -180,7 +208,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     x = apply_penalties(logits.clone(), rows)
+    _bias(x, rows)
     _ban(x, rows)
+    _mask_disallowed(x, rows)
     x = scale_logits(x, torch.tensor([r.params.temperature for r in rows], device=dev))
     valid = torch.isfinite(x).any(dim=-1)
     tokens = x.argmax(dim=-1)

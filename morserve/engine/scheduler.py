@@ -10,6 +10,7 @@ and in-flight work are dropped and it is recomputed later from its tokens (never
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Callable
 
@@ -67,6 +68,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             free -= need
             budget -= chunk.n

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from morserve.engine.outputs import TokenLogprobs
 from morserve.engine.sampling_params import SamplingParams
+from morserve.engine.structured import GrammarState
 
 
 class SeqStatus(enum.Enum):
@@ -35,6 +36,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     chunk: "Chunk | None" = None
+    grammar: GrammarState | None = None          # structured outputs: the output's matcher
 
     @property
     def prompt_len(self) -> int:
@@ -59,6 +61,8 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    error: str | None = None                     # why it failed, when it failed in the engine
 
     @property
     def prompt_len(self) -> int:
