@@ -30,6 +30,7 @@ from morserve.api.middleware import RequestMiddleware
 from morserve.api.routes import router
 from morserve.api.state import ServerSettings, ServerState
 from morserve.engine import AsyncLLMEngine, EngineArgs
+from morserve.threads import add_threads_flag, set_threads
 
 logger = logging.getLogger("morserve.api")
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send usage in every stream, as if stream_options.include_usage were set")
     p.add_argument("--vllm-metric-names", action="store_true",
                    help="also export vllm:num_requests_waiting/running and vllm:kv_cache_usage_perc")
+    add_threads_flag(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
 
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        set_threads(ns.threads)
         eargs = engine_args(ns)
     except ValueError as exc:
         parser.error(str(exc))
