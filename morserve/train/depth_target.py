@@ -4,10 +4,15 @@ The routed depth is what the routing rule decides, not the router's soft expecta
 target acts on the decisions themselves:
 - expert choice trains with top-k, so the capacities fix the routed depth: D sets the geometric
   keep ratio k with 1 + k + ... + k^(Nr-1) = D (capacities 1, k, k^2, ...), and the BCE aux loss
-  teaches the inference threshold rule to reproduce those selections;
+  teaches the inference threshold rule to reproduce those selections; top-k keeps whole tokens
+  (int(c * T) of T), which on short sequences lands below D, so at the end `expert_bias`
+  calibrates each recursion's router_bias (recursion by recursion) so that the threshold rule
+  takes exactly the fractions 1, k, k^2, ... of a calibration sample;
 - token choice routes by argmax(softmax + router_bias): loss-free bias updates move the load of
   each depth toward the maximum-entropy distribution over 1..Nr whose mean is D (p_i ∝ e^(λ i);
-  uniform when D = (Nr + 1) / 2, the plain balancing target).
+  uniform when D = (Nr + 1) / 2, the plain balancing target) while training, and at the end
+  `fit_token_bias` sets the bias so that the router's decisions on a calibration sample hit
+  those loads (the bias moves decisions only, never the gates, so this changes no weights).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 import torch
 
 from morserve.config import MoRConfig
+from morserve.model.routing import router_activation
 from morserve.train.metrics import depth_histogram
 
 
@@ -69,3 +75,41 @@ def steer_expert_capacity(mor: MoRConfig, target: float) -> None:
         raise ValueError(f"a target depth sets the capacities itself; the config already has capacity "
                          f"{mor.capacity!r}: give one or the other")
     mor.capacity = keep_ratio_for_depth(target, mor.num_recursions)
+
+
+def fit_token_bias(probs: torch.Tensor, target_loads: list[float], bias: list[float] | None,
+                   iters: int = 400) -> list[float]:
+    """A router_bias for which argmax(probs + bias) over probs [N, Nr] (token-choice router
+    softmax on a calibration sample) gives each depth its target load (proportional updates with
+    a decaying step, starting from `bias`)."""
+    nr = probs.shape[-1]
+    target = torch.tensor(target_loads, dtype=torch.float32)
+    b = torch.tensor(bias or [0.0] * nr, dtype=torch.float32)
+    probs = probs.float().reshape(-1, nr)
+    best, best_err = b.clone(), float("inf")
+    for i in range(iters):
+        load = torch.bincount((probs + b).argmax(-1), minlength=nr).float() / len(probs)
+        err = float((load - target).abs().sum())
+        if err < best_err:
+            best, best_err = b.clone(), err
+        b += 0.5 * (0.99 ** i) * (target - load) * probs.std().clamp(min=1e-3)
+    return best.tolist()
+
+
+def _raw_threshold(mor: MoRConfig) -> float:
+    """The raw score at which act(raw) reaches the routing threshold (act is increasing)."""
+    t = mor.routing_threshold
+    return _bisect(lambda x: float(router_activation(torch.tensor(x), mor.router_func)), -60.0, 60.0, t)
+
+
+def expert_bias(raw: torch.Tensor, eligible: torch.Tensor, fraction: float, mor: MoRConfig) -> float:
+    """router_bias for one expert recursion: with it, the threshold rule takes round(fraction * N)
+    of the N tokens (the highest raw scores among the eligible ones; all of them if fewer). The
+    cut sits halfway between the last score taken and the first one left."""
+    scores = raw[eligible].float().flatten().sort(descending=True).values
+    if len(scores) == 0:
+        return 0.0
+    m = min(len(scores), round(fraction * raw.numel()))
+    lowest_in = float(scores[m - 1]) if m > 0 else float(scores[0]) + 2.0
+    highest_out = float(scores[m]) if m < len(scores) else lowest_in - 2.0
+    return _raw_threshold(mor) - (lowest_in + highest_out) / 2

@@ -30,7 +30,8 @@ from morserve.model.mor import MoRModel
 from morserve.model.reference import reference_forward
 from morserve.threads import set_threads
 from morserve.tokenizer import Tokenizer
-from morserve.train.depth_target import check_target, depth_loads, steer_expert_capacity, update_router_bias
+from morserve.train.depth_target import (check_target, depth_loads, expert_bias, fit_token_bias,
+                                         steer_expert_capacity, update_router_bias)
 from morserve.train.losses import LossWeights, total_loss
 from morserve.train.metrics import decision_agreement, selection_fractions
 from morserve.train.plots import plot_training_log
@@ -135,6 +136,28 @@ def _steer_depth(model: MoRModel, settings: TrainSettings) -> tuple[float, list[
     return rate or TARGET_BIAS_RATE, depth_loads(target, mor.num_recursions)
 
 
+@torch.no_grad()
+def calibrate_router_bias(model: MoRModel, data: TrainData, settings: TrainSettings,
+                          target_loads: list[float] | None, generator: torch.Generator, batches: int = 8) -> None:
+    """Set mor.router_bias so that the inference rule's decisions on fresh training batches hit
+    the target depth: token choice, the loads `target_loads` (`fit_token_bias`); expert choice,
+    the capacities, one recursion at a time (`expert_bias`)."""
+    device = next(model.parameters()).device
+    model.eval()
+    x = torch.cat([data.sample(settings.batch_size, generator)[0] for _ in range(batches)]).to(device)
+    mor = model.config.mor
+    if mor.router == "token":
+        probs = torch.softmax(reference_forward(model, x).router_logits[0].float(), -1)
+        mor.router_bias = fit_token_bias(probs.reshape(-1, mor.num_recursions).cpu(), target_loads, mor.router_bias)
+    else:
+        mor.router_bias = [0.0] * mor.num_recursions
+        for r in range(2, mor.num_recursions + 1):
+            out = reference_forward(model, x)
+            mor.router_bias[r - 1] = expert_bias(out.router_logits[r - 1], out.selected[r - 2],
+                                                 mor.capacities[r - 1], mor)
+    model.train()
+
+
 def _format_eval(ev: dict) -> str:
     return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {[round(a, 3) for a in v]}"
                      for k, v in ev.items() if isinstance(v, (float, list)))
@@ -229,6 +252,11 @@ def fit(model: MoRModel, data: TrainData, settings: TrainSettings, out_dir: str 
     finally:
         if log is not None:
             log.close()
+    if settings.target_depth is not None:
+        calibrate_router_bias(model, data, settings, target_loads, gen)
+        ev = data.evaluate(model, autocast)
+        record({"step": settings.steps, "eval": ev, "router_bias": list(mor.router_bias), "calibrated": True,
+                "elapsed_s": time.time() - start})
     seconds = time.time() - start
     model.eval()
     if out_dir is not None:
