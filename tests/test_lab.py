@@ -14,7 +14,7 @@ from morserve import lab
 from morserve.checkpoint import load_checkpoint, load_pretrained
 from morserve.config import ConfigError, ModelConfig, MoRConfig
 from morserve.engine import LLM, SamplingParams
-from morserve.model import MoRModel, reference_forward
+from morserve.model import reference_forward
 from morserve.model.reference import masked_attention
 from morserve.model.sharing import shared_layer_order, vanilla_view
 from morserve.train import analyze
@@ -60,7 +60,7 @@ def test_target_depth_solutions():
 
 
 @pytest.mark.parametrize("router", ["token", "expert"])
-def test_target_depth_steers_the_routed_depth(router):
+def test_target_depth_steers_the_routed_depth(router, tmp_path):
     """Routed (inference-rule) mean depth on held-out samples, not the soft expectation: within
     0.05 of the target, and every depth in use."""
     depths = {}
@@ -73,6 +73,12 @@ def test_target_depth_steers_the_routed_depth(router):
         assert min(metrics["depth_hist"]) > 0.05, metrics["depth_hist"]
         assert m.config.mor.router_bias is not None
     assert depths[2.5] - depths[1.5] > 0.8
+    # the calibrated router_bias travels with the checkpoint: the engine routes as the reference
+    prompt = "<s> a b c d e f |"
+    ours = lab.generate(m, prompt, max_tokens=7)
+    served = LLM(model=str(lab.save(m, tmp_path / router)), device="cpu").generate(
+        prompt, SamplingParams(max_tokens=7, temperature=0))[0].outputs[0]
+    assert served.token_ids == ours.token_ids and served.depths == ours.depths
 
 
 def test_target_depth_conflicts_with_an_explicit_capacity():

@@ -26,38 +26,16 @@ from pathlib import Path
 
 import torch
 
-import math
-
 from morserve.checkpoint import load_pretrained
-from morserve.config import MoRConfig
 from morserve.model.mor import MoRModel
 from morserve.model.reference import reference_forward
 from morserve.threads import add_threads_flag, set_threads
 from morserve.tokenizer import Tokenizer
 from morserve.train.losses import lm_loss, router_entropy
-from morserve.train.metrics import decision_counts, depth_histogram
+from morserve.train.metrics import decision_counts, depth_histogram, entropy_max, routing_rule
 from morserve.train.plots import plot_depth_histogram, plot_depth_text
 from morserve.train.task_eval import evaluate_task, format_task_report
 from morserve.train.tasks import Task, get_task
-
-def routing_rule(mor: MoRConfig) -> str:
-    """How the model decides depths at inference, in words."""
-    if mor.router == "expert":
-        return "threshold (expert choice)"
-    if mor.router == "token":
-        return "argmax (token choice)"
-    return "fixed depth (no router)"
-
-
-def entropy_max(mor: MoRConfig) -> float | None:
-    """Largest possible routing entropy per decision: ln 2 (a binary expert-choice decision) or
-    ln Nr (one token-choice decision over Nr depths); None without a router."""
-    if mor.router == "expert":
-        return math.log(2)
-    if mor.router == "token":
-        return math.log(mor.num_recursions)
-    return None
-
 
 KINDS = ("word start", "word continuation", "punctuation", "digit", "whitespace", "other")
 

@@ -15,7 +15,6 @@ statistics, held-out evaluations) and a loss-curve PNG.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from morserve.tokenizer import Tokenizer
 from morserve.train.depth_target import (check_target, depth_loads, expert_bias, fit_token_bias,
                                          steer_expert_capacity, update_router_bias)
 from morserve.train.losses import LossWeights, total_loss
-from morserve.train.metrics import decision_agreement, selection_fractions
+from morserve.train.metrics import decision_agreement, routing_rule, selection_fractions
 from morserve.train.plots import plot_training_log
 from morserve.train.schedule import capacity_at, learning_rate
 from morserve.train.topk_forward import supports as topk_forward_supports
@@ -261,7 +260,8 @@ def fit(model: MoRModel, data: TrainData, settings: TrainSettings, out_dir: str 
     model.eval()
     if out_dir is not None:
         save_checkpoint(model, tokenizer, out_dir, dtype=DTYPES[settings.save_dtype])
-        plot_training_log(out_dir / LOG_FILE, out_dir / LOSS_PNG)
+        plot_training_log(out_dir / LOG_FILE, out_dir / LOSS_PNG, routing_rule(mor),
+                          "top-k" if routing == "topk" else routing_rule(mor))
     if settings.progress:
         print(f"done: {settings.steps} steps in {seconds / 60:.1f} min, final train loss {last_lm:.3f}, "
               f"held-out {ev['val_loss']:.3f}" + (f"; checkpoint {out_dir}" if out_dir else ""), flush=True)
