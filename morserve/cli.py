@@ -8,9 +8,9 @@ import sys
 SUBCOMMANDS = {
     "serve": ("morserve.api.server", "OpenAI-compatible HTTP server"),
     "generate": ("morserve.engine.cli", "offline generation from the command line"),
-    "train": ("morserve.train.trainer", "train a MoR model"),
+    "train": ("morserve.train.command", "train a MoR model on a corpus or a synthetic task"),
     "convert": ("morserve.train.convert", "convert a vanilla Llama checkpoint into a MoR checkpoint"),
-    "analyze": ("morserve.train.analyze", "routing analysis of a model on a text"),
+    "analyze": ("morserve.train.analyze", "routing analysis of a model (or --compare several) on a text or task"),
 }
 
 

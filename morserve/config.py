@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SHARINGS = ("middle_cycle", "cycle")
+SHARINGS = ("middle_cycle", "cycle", "middle_sequence", "sequence")
+BLOCK_SHARINGS = ("middle_cycle", "cycle")      # a recursion is one pass of the shared block
+SEQUENCE_SHARINGS = ("middle_sequence", "sequence")  # each shared layer runs Nr times in a row
 ROUTERS = ("expert", "token")
 ROUTER_FUNCS = ("sigmoid", "tanh", "softmax")
 ROUTER_TYPES = ("linear", "mlp")
@@ -28,14 +30,20 @@ class MoRConfig:
     """The recursion part of the model.
 
     num_recursions: Nr, the most times the shared block is applied.
-    sharing: `middle_cycle` (unique first and last layer) or `cycle` (all layers shared).
+    sharing: how the shared layers are laid out (paper, section 2.1). `cycle`: the block of B
+        layers runs Nr times (b0 b1 b0 b1 ...); `sequence`: each of the B layers runs Nr times in
+        a row (b0 b0 b1 b1 ...); the `middle_` variants add a unique first and last layer. Only
+        the cycle layouts have a recursion that is one pass of a block, so routing needs them;
+        sequence layouts are fixed-depth (router None) recursive models, served as vanilla ones.
     router: `expert` (one d->1 router per recursion), `token` (one d->Nr router), or None
         (every token takes every recursion, ungated: a plain recursive / vanilla Transformer).
     router_func: `sigmoid` or `tanh` for expert choice, `softmax` for token choice.
     router_type: `linear` or `mlp` (Linear d->2d, GELU, Linear 2d->out; no biases).
     alpha: scale of the router weight that gates the block's output.
     capacity: expert choice, fraction of tokens that take each recursion during training
-        (top-k); defaults to (Nr-i)/Nr.
+        (top-k). None: the paper's schedule (Nr-i)/Nr; a list: one fraction per recursion; a
+        scalar keep ratio k: geometric, recursion r+1 takes k^r of the tokens (each recursion
+        keeps the top k of those that took the previous one).
     threshold: expert choice at inference: a token takes recursion r>1 iff its router
         activation is >= threshold (default 0.5 for sigmoid, 0.0 for tanh).
     kv_mode: `recursion` (depth-r K/V only for tokens that took r) or `share_first`
@@ -51,7 +59,7 @@ class MoRConfig:
     router_func: str = "sigmoid"
     router_type: str = "linear"
     alpha: float = 0.1
-    capacity: list[float] | None = None
+    capacity: float | list[float] | None = None
     threshold: float | None = None
     kv_mode: str = "recursion"
     router_bias: list[float] | None = None
@@ -59,9 +67,11 @@ class MoRConfig:
 
     @property
     def capacities(self) -> list[float]:
+        n = self.num_recursions
+        if isinstance(self.capacity, (int, float)) and not isinstance(self.capacity, bool):
+            return [float(self.capacity) ** i for i in range(n)]
         if self.capacity is not None:
             return list(self.capacity)
-        n = self.num_recursions
         return [(n - i) / n for i in range(n)]
 
     @property
@@ -103,11 +113,11 @@ class ModelConfig:
     # ---- layer layout -------------------------------------------------------------------
     @property
     def num_prologue_layers(self) -> int:
-        return 1 if self.mor.sharing == "middle_cycle" else 0
+        return 1 if self.mor.sharing.startswith("middle_") else 0
 
     @property
     def num_epilogue_layers(self) -> int:
-        return 1 if self.mor.sharing == "middle_cycle" else 0
+        return 1 if self.mor.sharing.startswith("middle_") else 0
 
     @property
     def num_block_layers(self) -> int:
@@ -149,6 +159,11 @@ class ModelConfig:
             raise ConfigError(f"mor.sharing must be one of {SHARINGS}, got {m.sharing!r}")
         if m.router not in ROUTERS + (None,):
             raise ConfigError(f"mor.router must be one of {ROUTERS} or null, got {m.router!r}")
+        if m.router is not None and m.sharing in SEQUENCE_SHARINGS:
+            raise ConfigError(
+                f"{m.sharing} sharing cannot be routed: it applies each shared layer Nr times in a row, "
+                f"so there is no block whose passes a token could stop after; route with "
+                f"{' or '.join(BLOCK_SHARINGS)}, or use router null (a fixed-depth recursive model)")
         if m.router_type not in ROUTER_TYPES:
             raise ConfigError(f"mor.router_type must be one of {ROUTER_TYPES}, got {m.router_type!r}")
         if m.kv_mode not in KV_MODES:
@@ -160,10 +175,12 @@ class ModelConfig:
         fixed = self.num_prologue_layers + self.num_epilogue_layers
         shared = self.num_hidden_layers - fixed
         if shared < m.num_recursions or shared % m.num_recursions:
-            what = "(L-2)" if m.sharing == "middle_cycle" else "L"
+            what = "(L-2)" if fixed else "L"
             raise ConfigError(
                 f"{m.sharing} sharing needs {what} = {shared} to be a positive multiple of "
                 f"num_recursions = {m.num_recursions} (num_hidden_layers = {self.num_hidden_layers})")
+        if isinstance(m.capacity, (int, float)) and not 0 < m.capacity <= 1:
+            raise ConfigError(f"mor.capacity as a keep ratio must be in (0, 1], got {m.capacity}")
         caps = m.capacities
         if len(caps) != m.num_recursions or not all(0 < c <= 1 for c in caps):
             raise ConfigError(f"mor.capacity must list {m.num_recursions} fractions in (0, 1], got {caps}")

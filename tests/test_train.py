@@ -24,7 +24,7 @@ from morserve.train.losses import (LossWeights, expected_depth, expert_sampling_
 from morserve.train.metrics import decision_agreement, evaluate
 from morserve.train.schedule import capacity_at, learning_rate
 from morserve.train.topk_forward import topk_forward
-from morserve.train.trainer import build_parser, train
+from morserve.train import command
 
 SUBJECTS = ["the function", "a list", "this module", "the value", "each object", "the parser", "an integer"]
 VERBS = ["returns", "contains", "reads", "creates", "raises", "accepts", "stores"]
@@ -63,6 +63,12 @@ def tiny_args(corpus: Path, out: Path, *extra: str) -> list[str]:
             "--intermediate-size", "64", "--num-layers", "5", "--heads", "2", "--num-recursions", "3",
             "--batch-size", "8", "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "10",
             "--eval-every", "1000", "--eval-batches", "4", "--log-every", "1", "--no-progress", *extra]
+
+
+def run_train(argv: list[str]) -> dict:
+    """`morserve train ARGV`; returns the last held-out evaluation of its log."""
+    assert command.main(argv) == 0
+    return read_log(Path(argv[argv.index("--out") + 1]))[1][-1]
 
 
 def read_log(out: Path) -> tuple[list[dict], list[dict]]:
@@ -171,8 +177,7 @@ def test_topk_forward_matches_reference(capacity, override):
 # ---- morserve train --------------------------------------------------------------------------------
 def test_train_expert_choice_loss_falls_and_checkpoint_loads(corpus, tmp_path):
     out = tmp_path / "expert"
-    args = build_parser().parse_args(tiny_args(corpus, out, "--steps", "60", "--cap-warmup-steps", "20"))
-    result = train(args)
+    final = run_train(tiny_args(corpus, out, "--steps", "60", "--cap-warmup-steps", "20"))
     records, evals = read_log(out)
     assert records[0]["capacity"][1] > 0.99 and records[-1]["capacity"] == pytest.approx([1.0, 2 / 3, 1 / 3])
     first = sum(r["lm_loss"] for r in records[:5]) / 5
@@ -187,13 +192,12 @@ def test_train_expert_choice_loss_falls_and_checkpoint_loads(corpus, tmp_path):
     ids = torch.tensor(tokenizer.encode("The function returns a new string when it is called."))
     ref = reference_forward(model, ids)
     assert ref.logits.shape == (len(ids), 300)
-    assert result.eval["val_loss"] == pytest.approx(evals[-1]["val_loss"])
+    assert final["val_loss"] == pytest.approx(evals[-1]["val_loss"])
 
 
 def _agreement_after_training(corpus: Path, out: Path, sampling_coef: str) -> dict:
-    args = build_parser().parse_args(tiny_args(corpus, out, "--steps", "150", "--cap-warmup-steps", "30",
-                                               "--sampling-coef", sampling_coef, "--seed", "2"))
-    return train(args).eval
+    return run_train(tiny_args(corpus, out, "--steps", "150", "--cap-warmup-steps", "30",
+                               "--sampling-coef", sampling_coef, "--seed", "2"))
 
 
 def test_aux_loss_makes_threshold_routing_agree_with_topk(corpus, tmp_path):
@@ -214,8 +218,8 @@ def test_aux_loss_makes_threshold_routing_agree_with_topk(corpus, tmp_path):
 
 def test_train_token_choice_with_loss_free_bias(corpus, tmp_path):
     out = tmp_path / "token"
-    train(build_parser().parse_args(tiny_args(corpus, out, "--steps", "20", "--router", "token",
-                                              "--bias-update-rate", "0.01", "--kv-mode", "share_first")))
+    run_train(tiny_args(corpus, out, "--steps", "20", "--router", "token",
+                        "--bias-update-rate", "0.01", "--kv-mode", "share_first"))
     records, _ = read_log(out)
     assert "balance_loss" in records[0] and "sampling_loss" not in records[0]
     model, _ = load_checkpoint(out)
@@ -230,9 +234,8 @@ def test_train_from_config_json(corpus, tmp_path):
     path = tmp_path / "config.json"
     cfg.save(path)
     out = tmp_path / "from_config"
-    train(build_parser().parse_args(["--config", str(path), "--data", str(corpus), "--out", str(out),
-                                     "--vocab-size", "300", "--steps", "3", "--batch-size", "2",
-                                     "--seq-len", "16", "--no-progress"]))
+    run_train(["--config", str(path), "--data", str(corpus), "--out", str(out), "--vocab-size", "300",
+               "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--no-progress"])
     model, tok = load_checkpoint(out)
     c = model.config
     assert (c.mor.sharing, c.mor.num_recursions, c.num_hidden_layers, c.hidden_size) == ("cycle", 2, 4, 32)
@@ -283,8 +286,8 @@ def test_convert_vanilla_to_mor_and_run(tmp_path, init):
     assert math.isfinite(report["loss_original"]) and math.isfinite(report["loss_converted"])
     # uptraining starts from the converted checkpoint and keeps its tokenizer and architecture
     up = tmp_path / "uptrained"
-    train(build_parser().parse_args(["--init", str(out), "--data", str(tmp_path / "text.txt"), "--out", str(up),
-                                     "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--no-progress"]))
+    run_train(["--init", str(out), "--data", str(tmp_path / "text.txt"), "--out", str(up),
+               "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--no-progress"])
     model, tok = load_checkpoint(up)
     assert model.config.num_hidden_layers == 8 and tok.vocab_size == 258
     assert not torch.equal(model.state_dict()["block.0.mlp.up_proj.weight"], ms["block.0.mlp.up_proj.weight"])

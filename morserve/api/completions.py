@@ -1,6 +1,7 @@
 """POST /v1/completions: text, texts, token ids or lists of token ids in; one choice per
 (prompt, i < n) out, with legacy logprobs (echo adds the prompt's, as lm-eval-harness needs) and,
-on request, the recursion depth of every generated token."""
+on request, `depths`: for each generated token, the recursion depth of the position that
+produced it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """OpenAI / vLLM request and response schemas (pydantic), field for field where we support the
 feature. Requests ignore unknown fields, as vLLM does; value ranges are checked by
-`SamplingParams` (its ValueError becomes a 400). `return_depths` is morserve's extension: the
-recursion depth of every generated token."""
+`SamplingParams` (its ValueError becomes a 400). `return_depths` is morserve's extension:
+`depths[i]` is the recursion depth of the position that produced generated token i (for the
+first token, the last prompt position)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ def now() -> int:
 def _without_none(value: Any) -> bool:
     return value is None
 
+
+DEPTHS_DESCRIPTION = ("depths[i] is the recursion depth of the position that produced generated token i "
+                      "(for the first token, the last prompt position)")
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -106,7 +110,7 @@ class SamplingRequest(RequestModel):
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    return_depths: bool = False
+    return_depths: bool = Field(False, description="also return `depths`: " + DEPTHS_DESCRIPTION)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -259,7 +263,7 @@ class CompletionResponseChoice(ResponseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    depths: list[int] | None = Field(None, exclude_if=_without_none)
+    depths: list[int] | None = Field(None, exclude_if=_without_none, description=DEPTHS_DESCRIPTION)
 
 
 class GenerationResponse(ResponseModel):
@@ -332,7 +336,7 @@ class ChatCompletionResponseChoice(ResponseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = "stop"
     stop_reason: int | str | None = None
-    depths: list[int] | None = Field(None, exclude_if=_without_none)
+    depths: list[int] | None = Field(None, exclude_if=_without_none, description=DEPTHS_DESCRIPTION)
 
 
 class ChatCompletionResponse(GenerationResponse):
@@ -353,7 +357,7 @@ class ChatCompletionResponseStreamChoice(ResponseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    depths: list[int] | None = Field(None, exclude_if=_without_none)
+    depths: list[int] | None = Field(None, exclude_if=_without_none, description=DEPTHS_DESCRIPTION)
 
 
 class ChatCompletionStreamResponse(GenerationResponse):

@@ -33,6 +33,7 @@ from morserve.api.middleware import RequestMiddleware
 from morserve.api.routes import router
 from morserve.api.state import ServerSettings, ServerState
 from morserve.engine import AsyncLLMEngine, EngineArgs
+from morserve.threads import add_threads_flag, set_threads
 
 logger = logging.getLogger("morserve.api")
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request gets to send its whole body; then 408")
     p.add_argument("--keep-alive-timeout", type=float, default=ServerSettings.keep_alive_timeout,
                    help="seconds an idle keep-alive connection stays open")
+    add_threads_flag(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
 
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        set_threads(ns.threads)
         eargs = engine_args(ns)
     except ValueError as exc:
         parser.error(str(exc))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from morserve.checkpoint.state import CheckpointError, build_model
 from morserve.config import ModelConfig
 from morserve.model.mor import MoRModel
+from morserve.model.sharing import servable
 from morserve.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG = "config.json"
@@ -45,9 +46,11 @@ def is_own_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> tuple[MoRModel, Tokenizer | None]:
-    """Model (eval mode, on `device` in `dtype`) and tokenizer (None if the directory has none)."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    as_served: bool = True) -> tuple[MoRModel, Tokenizer | None]:
+    """Model (eval mode, on `device` in `dtype`) and tokenizer (None if the directory has none).
+    A sequence-shared model comes back as its vanilla view (`morserve.model.sharing`) unless
+    `as_served` is False (e.g. to train it further and save it shared again)."""
     path = Path(path)
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
@@ -58,5 +61,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     except SafetensorError as exc:
         raise CheckpointError(f"cannot read {path / WEIGHTS}: {exc}") from exc
     model = build_model(config, state, str(path / WEIGHTS), device, dtype)
+    if as_served:
+        model = servable(model)
     tokenizer = Tokenizer.load(path) if (path / TOKENIZER_FILE).exists() else None
     return model, tokenizer

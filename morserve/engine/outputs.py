@@ -13,7 +13,7 @@ class CompletionOutput:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    depths: list[int] = field(default_factory=list)       # recursion depth of every generated token
+    depths: list[int] = field(default_factory=list)       # depth of the position that produced each generated token
     cumulative_logprob: float | None = None
     logprobs: list[TokenLogprobs] | None = None           # one dict per generated token
     finish_reason: str | None = None                     # "stop" | "length" | "abort" | None while running

@@ -29,7 +29,7 @@ class Sequence:
     seed: int                                    # sampling seed in [0, 2**64): see sampler.py
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0                        # tokens whose K/V went through every stage
-    depths: list[int] = field(default_factory=list)          # per generated token (see LLMEngine)
+    depths: list[int] = field(default_factory=list)          # per generated token: depth of the position that produced it
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     text: str = ""

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from morserve.config import SEQUENCE_SHARINGS
 from morserve.model.mor import MoRModel
 from morserve.model.routing import expert_gate, expert_takes, expert_topk_select, token_choice
+from morserve.model.sharing import vanilla_view
 
 ROUTINGS = ("threshold", "topk")
 
@@ -47,6 +49,8 @@ def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "
     config's for top-k routing (training uses a capacity warm-up schedule)."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    if model.config.mor.sharing in SEQUENCE_SHARINGS:   # fixed depth: run the layer list
+        return reference_forward(vanilla_view(model), input_ids, routing, capacities)
     cfg = model.config
     mor = cfg.mor
     squeeze = input_ids.dim() == 1

@@ -1,17 +1,21 @@
 """Training data: read a text file or a directory of text files, get a tokenizer (load one or
 train a small byte-level BPE on the corpus), encode everything into one token stream, split off a
-held-out tail, and sample random fixed-length windows for language-model training."""
+held-out tail, and sample random fixed-length windows for language-model training
+(`CorpusData`: the trainer's data source for a corpus)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from morserve.model.mor import MoRModel
 from morserve.tokenizer import Tokenizer
+from morserve.train.metrics import evaluate
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 BOS, EOS = "<s>", "</s>"
@@ -91,3 +95,23 @@ def fixed_batches(ids: torch.Tensor, batch_size: int, seq_len: int,
     x = windows[:-1].view(n, seq_len)
     y = windows[1:].reshape(n, seq_len)
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+class CorpusData:
+    """Training windows from a token stream and a fixed held-out evaluation set (`evaluate`:
+    held-out loss and routing statistics, `morserve.train.metrics.evaluate`)."""
+
+    def __init__(self, ids: torch.Tensor, seq_len: int, val_fraction: float = 0.01, eval_batch_size: int = 16,
+                 eval_batches: int = 8) -> None:
+        self.seq_len = seq_len
+        self.train_ids, self.val_ids = split_holdout(ids, val_fraction, min_tokens=2 * seq_len + 2)
+        self.eval_set = fixed_batches(self.val_ids, eval_batch_size, seq_len, eval_batches)
+
+    def describe(self) -> str:
+        return f"{len(self.train_ids)} train / {len(self.val_ids)} held-out tokens"
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_batch(self.train_ids, batch_size, self.seq_len, generator)
+
+    def evaluate(self, model: MoRModel, autocast: AbstractContextManager | None = None) -> dict:
+        return evaluate(model, self.eval_set, autocast)

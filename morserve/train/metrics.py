@@ -10,6 +10,7 @@ Two agreement rates between the causal inference rule (threshold) and training-t
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -19,6 +20,25 @@ from morserve.model.mor import MoRModel
 from morserve.model.reference import ReferenceOutput, reference_forward
 from morserve.model.routing import expert_takes
 from morserve.train.losses import lm_loss
+
+
+def routing_rule(mor: MoRConfig) -> str:
+    """How the model decides depths at inference, in words."""
+    if mor.router == "expert":
+        return "threshold (expert choice)"
+    if mor.router == "token":
+        return "argmax (token choice)"
+    return "fixed depth (no router)"
+
+
+def entropy_max(mor: MoRConfig) -> float | None:
+    """Largest possible routing entropy per decision: ln 2 (a binary expert-choice decision) or
+    ln Nr (one token-choice decision over Nr depths); None without a router."""
+    if mor.router == "expert":
+        return math.log(2)
+    if mor.router == "token":
+        return math.log(mor.num_recursions)
+    return None
 
 
 def depth_histogram(depths: torch.Tensor, num_recursions: int) -> list[float]:

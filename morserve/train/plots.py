@@ -28,23 +28,25 @@ def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def plot_training_log(log_path: str | Path, png_path: str | Path) -> Path:
-    """Left: training LM loss and held-out loss (threshold and top-k routing) per step.
-    Right: mean depth and threshold-vs-top-k agreement (expert choice)."""
+def plot_training_log(log_path: str | Path, png_path: str | Path, routing: str = "threshold",
+                      train_routing: str = "top-k") -> Path:
+    """Left: training LM loss and held-out loss (inference routing `routing`, and top-k when
+    logged) per step. Right: mean depth (training under `train_routing`, held-out under
+    `routing`) and threshold-vs-top-k agreement (expert choice)."""
     train, evals = read_log(log_path)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], lw=0.8, label="train (LM)")
     if evals:
         steps = [r["step"] for r in evals]
-        ax.plot(steps, [r["eval"]["val_loss"] for r in evals], "o-", label="held-out, threshold routing")
+        ax.plot(steps, [r["eval"]["val_loss"] for r in evals], "o-", label=f"held-out, {routing}")
         if "val_loss_topk" in evals[0]["eval"]:
             ax.plot(steps, [r["eval"]["val_loss_topk"] for r in evals], "s--", label="held-out, top-k routing")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax2.plot([r["step"] for r in train], [r["mean_depth"] for r in train], lw=0.8, label="mean depth (train, top-k)")
+    ax2.plot([r["step"] for r in train], [r["mean_depth"] for r in train], lw=0.8, label=f"mean depth (train, {train_routing})")
     if evals:
-        ax2.plot(steps, [r["eval"]["mean_depth"] for r in evals], "o-", label="mean depth (held-out, threshold)")
+        ax2.plot(steps, [r["eval"]["mean_depth"] for r in evals], "o-", label=f"mean depth (held-out, {routing})")
     ax2.set(xlabel="step", ylabel="recursions", title="routing")
     ax2.grid(alpha=0.3)
     handles = ax2.get_lines()
