@@ -30,6 +30,7 @@ from morserve.api.middleware import RequestMiddleware
 from morserve.api.routes import router
 from morserve.api.state import ServerSettings, ServerState
 from morserve.engine import AsyncLLMEngine, EngineArgs
+from morserve.serving.ray_flags import add_ray_arguments
 
 logger = logging.getLogger("morserve.api")
 
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-metric-names", action="store_true",
                    help="also export vllm:num_requests_waiting/running and vllm:kv_cache_usage_perc")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_ray_arguments(p)
     return p
 
 
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=ns.log_level.upper() if ns.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ns.ray:
+        from morserve.serving.ray_app import serve_forever     # the optional `ray` extra
+        return serve_forever(ns)
     failure: list[BaseException] = []
     server: DrainingServer | None = None
 
