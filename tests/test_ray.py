@@ -27,7 +27,8 @@ from ray import serve
 from ray.serve.config import HTTPOptions
 
 from morserve.engine import LLM, SamplingParams
-from morserve.serving.ray_app import APP_NAME, application, parse_checked
+from morserve.serving.ray_app import APP_NAME, application, builder_argv, parse_checked
+from morserve.serving.ray_flags import deployment_options
 
 MODEL = "morserve-mini-mor3"
 SEQS_PER_REPLICA = 4              # max_num_seqs = max_ongoing_requests: the rest waits in Ray's router
@@ -214,3 +215,38 @@ def test_killing_a_replica_loses_no_request_that_had_not_started_on_it(oai, clus
         if len(seen) == 2:
             break
     assert len(seen) == 2 and victim not in seen
+
+
+# ---- the flags -> Serve options (no cluster) ----------------------------------------------------
+def test_flags_make_fixed_or_autoscaling_deployment_options():
+    fixed = deployment_options(parse_checked(["--num-replicas", "3", "--threads-per-replica", "2"]), cluster_gpus=0)
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.0}
+    assert fixed["max_ongoing_requests"] == 64 and fixed["graceful_shutdown_timeout_s"] == 30.0
+    auto = deployment_options(parse_checked(["--max-replicas", "4", "--min-replicas", "0", "--num-replicas", "2",
+                                             "--target-ongoing-requests", "8", "--max-num-seqs", "16"]), cluster_gpus=8)
+    assert "num_replicas" not in auto and auto["max_ongoing_requests"] == 16
+    assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 2,
+                                          "target_ongoing_requests": 8.0}
+    assert auto["ray_actor_options"]["num_gpus"] == 1.0                       # the cluster has GPUs
+    on_cpu = deployment_options(parse_checked(["--device", "cpu"]), cluster_gpus=8)
+    assert on_cpu["ray_actor_options"]["num_gpus"] == 0.0
+
+
+@pytest.mark.parametrize("argv,needle", [(["--num-replicas", "0"], "--num-replicas"),
+                                         (["--min-replicas", "1"], "--max-replicas"),
+                                         (["--max-replicas", "2", "--min-replicas", "3"], "--min-replicas"),
+                                         (["--target-ongoing-requests", "0"], "--target-ongoing-requests"),
+                                         (["--replica-metrics-port", "70000"], "--replica-metrics-port")])
+def test_bad_ray_flags_are_named(argv, needle, capsys):
+    with pytest.raises(SystemExit):
+        parse_checked(argv)
+    assert needle in capsys.readouterr().err
+
+
+def test_builder_args_become_flags():
+    argv = builder_argv({"model": "m", "num_replicas": 2, "vllm_metric_names": True, "enforce_eager": "false",
+                         "served_model_name": ["a", "b"]})
+    assert argv == ["--model", "m", "--num-replicas", "2", "--vllm-metric-names", "--served-model-name", "a", "b"]
+    ns = parse_checked(argv)
+    assert (ns.model, ns.num_replicas, ns.vllm_metric_names, ns.served_model_name) == ("m", 2, True, ["a", "b"])
