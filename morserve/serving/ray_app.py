@@ -98,7 +98,7 @@ class MorServeReplica:
         loading or the engine failed (Ray then replaces the replica)."""
         for _ in range(100):
             phase = self.state.phase
-            if phase == "ready" or phase == "draining":
+            if phase == "ready":
                 return
             if phase == "failed":
                 raise RuntimeError(f"morserve engine failed: {self.state.load_error or self.engine.error!r}")
