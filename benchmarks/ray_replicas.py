@@ -26,6 +26,7 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shlex  # noqa: E402
 import socket  # noqa: E402
 
 import ray  # noqa: E402
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each count once per round)")
     p.add_argument("--threads-per-replica", type=int, default=1)
     p.add_argument("--max-num-seqs", type=int, default=64, help="batch slots per replica")
+    p.add_argument("--serve-args", default="", help="more `morserve serve` flags for every replica, e.g. "
+                                                    "'--num-scheduler-steps 8'")
     p.add_argument("--num-prompts", type=int, default=96)
     p.add_argument("--max-concurrency", type=int, default=64)
     p.add_argument("--input-len", type=int, default=16, help="words per random prompt")
@@ -63,7 +66,8 @@ def deploy(args: argparse.Namespace, port: int) -> dict[int, str]:
     for n in args.counts:
         ns = parse_checked(["--model", args.model, "--device", "cpu", "--num-replicas", str(n),
                             "--threads-per-replica", str(args.threads_per_replica),
-                            "--max-num-seqs", str(args.max_num_seqs), "--replica-metrics-port", "0"])
+                            "--max-num-seqs", str(args.max_num_seqs), "--replica-metrics-port", "0",
+                            *shlex.split(args.serve_args)])
         serve.run(application(ns, cluster_gpus=0.0), name=f"r{n}", route_prefix=f"/r{n}")
         urls[n] = f"http://127.0.0.1:{port}/r{n}"
     return urls
