@@ -33,6 +33,7 @@ from morserve.api.middleware import RequestMiddleware
 from morserve.api.routes import router
 from morserve.api.state import ServerSettings, ServerState
 from morserve.engine import AsyncLLMEngine, EngineArgs
+from morserve.serving.ray_flags import add_ray_arguments
 from morserve.threads import add_threads_flag, set_threads
 
 logger = logging.getLogger("morserve.api")
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle keep-alive connection stays open")
     add_threads_flag(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_ray_arguments(p)
     return p
 
 
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=ns.log_level.upper() if ns.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ns.ray:
+        from morserve.serving.ray_app import serve_forever     # the optional `ray` extra
+        return serve_forever(ns)
     failure: list[BaseException] = []
     server: DrainingServer | None = None
 
