@@ -35,6 +35,12 @@ def installed_triton() -> str | None:
         return None
 
 
+def site_dirs() -> list[str]:
+    """This interpreter's site-packages directories, with any that its .pth files put on sys.path."""
+    own = [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    return list(dict.fromkeys(own + [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]))
+
+
 def scratch_venv(release: str, root: Path) -> Path:
     """The python of a venv holding triton==release (+ its pins) over this interpreter's packages."""
     venv = root / f"triton-{release}"
@@ -47,8 +53,7 @@ def scratch_venv(release: str, root: Path) -> Path:
                               check=True, capture_output=True, text=True).stdout.strip()
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                         "--target", site, *wanted], check=True)
-        parents = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
-        (Path(site) / "_morserve_parent_env.pth").write_text("".join(f"{p}\n" for p in parents))
+        (Path(site) / "_morserve_parent_env.pth").write_text("".join(f"{p}\n" for p in site_dirs()))
         stamp.write_text("\n".join(wanted))
     found = subprocess.run([str(python), "-c", "import triton; print(triton.__version__, triton.__file__)"],
                            check=True, capture_output=True, text=True).stdout.split()
