@@ -278,3 +278,11 @@ def test_wheel_serves_default_model_outside_checkout(tmp_path):
     message = missing.stderr.strip().splitlines()[-1]
     assert "CheckpointError" in message and str(default_model) in message and "reinstall morserve" in message
     assert "train" not in message
+
+
+def test_checkout_uses_its_own_models_folder():
+    """From a source tree (this checkout, editable installs, the Docker images) the default model is
+    read from models/ itself, so edits there take effect without a reinstall."""
+    from morserve.checkpoint import pretrained
+    assert pretrained.MODELS_DIR == REPO / "models"
+    assert (REPO / "models" / "__init__.py").is_file(), "models/ installs as the package morserve_models"
