@@ -13,5 +13,7 @@ install:
 serve: install
 	$(PY) server.py --host $(HOST) --port $(PORT) $(ARGS)
 
+# After the suite: the kernel tests under the other supported triton release(s), in scratch venvs.
 test: install
 	$(PY) -m pytest tests $(ARGS)
+	$(PY) scripts/test_kernels_triton.py

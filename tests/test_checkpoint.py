@@ -383,7 +383,7 @@ def test_training_config_rejections(case):
 # ---- load_pretrained ----------------------------------------------------------------------------
 def test_load_pretrained_sources_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "MODELS_DIR", tmp_path / "models")
-    with pytest.raises(CheckpointError, match="'morserve-mini-mor3' is not in .* yet"):
+    with pytest.raises(CheckpointError, match="'morserve-mini-mor3' is missing from .*: this installation is incomplete, reinstall morserve"):
         load_pretrained("morserve-mini-mor3")
     model = make_model("expert")
     save_checkpoint(model, Tokenizer.byte_level(), tmp_path / "models" / "morserve-mini-mor3")

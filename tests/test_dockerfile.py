@@ -71,4 +71,4 @@ def test_dockerignore_keeps_local_state_out_and_sources_in():
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv"} <= ignored
-    assert not ignored & {"models", "scripts", "morserve", "pyproject.toml", "kernels"}
+    assert not ignored & {"models", "scripts", "morserve", "pyproject.toml", "setup.py", "kernels"}

