@@ -26,7 +26,8 @@ from morserve.serving.ray_flags import deployment_options
 
 DIR = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 K8S_VERSION = "1.33.0"
-CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("ray.io/v1", "RayService"),
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor"),
+        ("ray.io/v1", "RayService"),
         ("kustomize.config.k8s.io/v1beta1", "Kustomization")}
 UVICORN_CLOSE_S = 2            # morserve.api.server: uvicorn.Config(timeout_graceful_shutdown=2)
 
@@ -179,5 +180,13 @@ def test_rayservice_pod_templates_are_valid_pods():
     serve_ports = {p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
     http = yaml.safe_load(by_kind("RayService")["spec"]["serveConfigV2"])["http_options"]
     assert http["port"] in serve_ports
-    metrics_ports = {p["containerPort"] for t in templates[1:] for c in t["spec"]["containers"] for p in c["ports"]}
-    assert serve_app()["args"]["replica_metrics_port"] in metrics_ports
+    metrics_ports = {p["name"]: p["containerPort"] for t in templates[1:] for c in t["spec"]["containers"]
+                     for p in c["ports"]}
+    assert serve_app()["args"]["replica_metrics_port"] in metrics_ports.values()
+    # the PodMonitor scrapes that port on the worker pods (one GPU, so one replica, each)
+    monitor = by_kind("PodMonitor")["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= templates[1]["metadata"]["labels"].items()
+    assert all(metrics_ports[e["port"]] == serve_app()["args"]["replica_metrics_port"]
+               for e in monitor["podMetricsEndpoints"])
+    assert all(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 1
+               for g in spec["workerGroupSpecs"]) and serve_app()["args"]["num_gpus_per_replica"] == 1
