@@ -254,3 +254,19 @@ def test_builder_args_become_flags():
     assert argv == ["--model", "m", "--num-replicas", "2", "--vllm-metric-names", "--served-model-name", "a", "b"]
     ns = parse_checked(argv)
     assert (ns.model, ns.num_replicas, ns.vllm_metric_names, ns.served_model_name) == ("m", 2, True, ["a", "b"])
+
+
+def test_replica_benchmark_table_reports_each_count_against_the_first():
+    from benchmarks import ray_replicas
+
+    args = ray_replicas.parse_args(["--replicas", "1,2", "--rounds", "2"])
+    assert args.counts == [1, 2]
+    rows = {1: {"output_throughput": [100.0, 80.0], "mean_output_throughput": 90.0, "failed": 0,
+                "ttft_ms": {"mean": 1200.0, "p50": 1100.0, "p99": 2500.0}},
+            2: {"output_throughput": [150.0, 165.0], "mean_output_throughput": 157.5, "failed": 1,
+                "ttft_ms": {"mean": 600.0, "p50": 550.0, "p99": 900.0}}}
+    table = ray_replicas.markdown(args, rows).splitlines()
+    assert table[2] == "| 1 | 100.0, 80.0 | 90.0 | 1.00x | 1200 | 1100 | 2500 | 0 |"
+    assert table[3] == "| 2 | 150.0, 165.0 | 157.5 | 1.75x | 600 | 550 | 900 | 1 |"
+    with pytest.raises(SystemExit):
+        ray_replicas.parse_args(["--replicas", "0,2"])
