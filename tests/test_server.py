@@ -403,7 +403,27 @@ BAD = [
     (C, {"prompt": "x", "stop": 5}, 400, "stop"),
     (C, {"prompt": "x", "seed": 2**64}, 400, "seed"),
     (C, {"prompt": "x", "seed": "abc"}, 400, "seed"),
-    (C, {"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    (C, {"prompt": "x", "logit_bias": {"1000": 5}}, 400, "logit_bias"),          # not in the vocabulary
+    (C, {"prompt": "x", "logit_bias": {"1": 500}}, 400, "logit_bias"),
+    (C, {"prompt": "x", "logit_bias": {"one": 5}}, 400, "logit_bias"),
+    (C, {"prompt": "x", "top_k": 2**63}, 400, "top_k"),
+    (C, {"prompt": "x", "n": 2**63}, 400, "n"),
+    (C, {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
+    (C, {"prompt": "x", "length_penalty": 0.5}, 400, "length_penalty"),
+    (C, {"prompt": "x", "allowed_token_ids": [1, 2]}, 400, "allowed_token_ids"),
+    (C, {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    (C, {"prompt": "x", "priority": 1}, 400, "priority"),
+    (C, {"prompt": "x", "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),
+    (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (C, {"prompt": "x", "stream": True, "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    (C, {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    (C, {"prompt": "x", "max_tokens": 0, "logprobs": 1}, 400, "max_tokens"),
+    (C, {"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    (CHAT, {"messages": MSG, "continue_final_message": True, "add_generation_prompt": True}, 400,
+     "continue_final_message"),
+    (CHAT, {"messages": MSG, "echo": True}, 400, "echo"),
+    (CHAT, {"messages": MSG, "chat_template": "{{ messages }}"}, 400, "chat_template"),
+    (CHAT, {"messages": MSG, "top_k": 2**63}, 400, "top_k"),
     (C, {"prompt": "x", "suffix": "tail"}, 400, "suffix"),
     (C, {"prompt": "x", "stream": True, "stream_options": 3}, 400, "stream_options"),
     (C, {"prompt": "x", "echo": "loud"}, 400, "echo"),
@@ -415,7 +435,7 @@ BAD = [
      "text"),
     (CHAT, {"messages": MSG, "top_logprobs": 2}, 400, "logprobs"),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 50}, 400, "logprobs"),
-    (CHAT, {"messages": MSG, "max_completion_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": MSG, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     (CHAT, {"messages": MSG, "max_tokens": 1000}, 400, "256"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool"),
     (CHAT, {"messages": MSG, "response_format": {"type": "yaml"}}, 400, "response_format"),
@@ -436,6 +456,8 @@ def test_bad_field_gets_4xx_with_error_body(http, path, body, status, needle):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
     assert needle in err["message"], err["message"]
+    if status == 400:
+        assert err["param"], err
 
 
 def test_malformed_json_and_wrong_method_and_unknown_route(http):
