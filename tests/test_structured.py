@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
@@ -354,12 +355,19 @@ def test_smol_chat_json_schema_stream_and_not(smol_srv):
     fmt = {"type": "json_schema", "json_schema": {"name": "country", "schema": schema}}
     messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
     kwargs = dict(model="m", messages=messages, max_tokens=60, temperature=0, response_format=fmt)
-    resp = oai.chat.completions.create(**kwargs)
+    resp, chunks = _whole_and_streamed(oai, kwargs)
     assert resp.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(resp.choices[0].message.content), schema)
-    chunks = list(oai.chat.completions.create(stream=True, **kwargs))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == resp.choices[0].message.content
     wait_idle(smol_srv)
+
+
+def _whole_and_streamed(oai: openai.OpenAI, kwargs: dict) -> tuple:
+    """The same chat request without and with streaming, sent at once (batched together)."""
+    with ThreadPoolExecutor(2) as pool:
+        whole = pool.submit(oai.chat.completions.create, **kwargs)
+        streamed = pool.submit(lambda: list(oai.chat.completions.create(stream=True, **kwargs)))
+        return whole.result(), streamed.result()
 
 
 def _tool_dicts() -> list[dict]:
@@ -379,7 +387,8 @@ def test_smol_tool_calls_message_and_stream_deltas(smol_srv, tool_choice):
     oai = _client(smol_srv)
     kwargs = dict(model="m", messages=MESSAGES, tools=_tool_dicts(), tool_choice=tool_choice, max_tokens=80,
                   temperature=0)
-    choice = oai.chat.completions.create(**kwargs).choices[0]
+    resp, chunks = _whole_and_streamed(oai, kwargs)
+    choice = resp.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     whole = choice.message.tool_calls
     assert whole and all(c.type == "function" and c.id for c in whole)
@@ -389,7 +398,6 @@ def test_smol_tool_calls_message_and_stream_deltas(smol_srv, tool_choice):
         _check_call(call.function.name, call.function.arguments)
 
     calls: dict[int, dict] = {}
-    chunks = list(oai.chat.completions.create(stream=True, **kwargs))
     for chunk in chunks:
         assert chunk.choices[0].delta.content in (None, "")
         for delta in chunk.choices[0].delta.tool_calls or []:
