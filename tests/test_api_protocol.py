@@ -347,9 +347,17 @@ def test_dashboard_is_grafana_json_over_exported_metrics():
     assert dash["title"] and dash["schemaVersion"] >= 30 and dash["panels"]
     exprs = [t["expr"] for panel in dash["panels"] for t in panel.get("targets", [])]
     assert any("morserve:depth_occupancy" in e and "by (depth)" in e for e in exprs)
-    exported = {f.name for f in text_string_to_metric_families(ServerMetrics("m").render().decode())}
-    exported |= {"morserve:depth_occupancy", "morserve:depth_token_ticks", "morserve:exit_depth",
-                 "morserve:kv_blocks_used"}       # labelled by depth: no sample before the first tick
+    metrics = ServerMetrics("m")
+    metrics.engine_ready(3, 4, {"block_size": "16"})          # depth labels and cache_config_info
+    exported = {f.name for f in text_string_to_metric_families(metrics.render().decode())}
+    used = {n for e in exprs for n in re.findall(r"morserve:[a-z0-9_]+", e)}
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds", "request_time_per_output_token_seconds",
+                 "time_per_output_token_seconds", "request_prompt_tokens", "request_generation_tokens",
+                 "request_params_n", "request_params_max_tokens", "cache_config_info", "kv_cache_usage_perc",
+                 "time_to_first_token_seconds", "e2e_request_latency_seconds", "request_success_total",
+                 "num_preemptions_total", "num_requests_running", "num_requests_waiting"):
+        assert any(u.removesuffix("_bucket") == f"morserve:{name}" for u in used), name
     for name in {n for e in exprs for n in re.findall(r"morserve:[a-z0-9_]+", e)}:
         base = re.sub(r"_(bucket|total)$", "", name)
         assert name in exported or base in exported, name
