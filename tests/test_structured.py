@@ -306,7 +306,7 @@ def test_mini_completions_regex_choice_grammar_and_guided_names(mini_srv, rng):
     regex = r"[A-Z][a-z]{2,8}-\d{3}"
     choices = rng.sample(["red", "green", "blue", "cyan", "magenta"], 3)
     grammar = 'root ::= "(" num (op num)* ")"\nnum ::= [1-9] [0-9]?\nop ::= "+" | "*"'
-    cases = [({"structured_outputs": {"regex": regex}}, lambda t: re.fullmatch(regex, t)),
+    cases = [({"structured_outputs": {"regex": regex, "disable_fallback": True}}, lambda t: re.fullmatch(regex, t)),
              ({"guided_regex": regex}, lambda t: re.fullmatch(regex, t)),
              ({"structured_outputs": {"choice": choices}}, lambda t: t in choices),
              ({"guided_choice": choices}, lambda t: t in choices),
@@ -323,7 +323,7 @@ def test_mini_completions_regex_choice_grammar_and_guided_names(mini_srv, rng):
             assert reason == "stop" and valid(text), (extra, text)
     schema = person_schema(rng)
     out = oai.completions.create(model="m", prompt="Row:", max_tokens=200, temperature=0,
-                                 extra_body={"guided_json": schema})
+                                 extra_body={"guided_json": schema, "guided_decoding_backend": "xgrammar"})
     jsonschema.validate(json.loads(out.choices[0].text), schema)
     wait_idle(mini_srv)
 
@@ -339,6 +339,9 @@ def test_mini_completions_regex_choice_grammar_and_guided_names(mini_srv, rng):
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
     ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " *"}}, "structured_outputs"),
+    ({"guided_regex": "a", "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+    ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
 ])
 def test_invalid_constraint_is_400_naming_the_field(mini_srv, extra, param):
     with pytest.raises(openai.BadRequestError) as err:

@@ -99,7 +99,9 @@ class ResponseFormat(RequestModel):
 
 
 class StructuredOutputs(RequestModel):
-    """vLLM's `structured_outputs`: one of json, regex, choice, grammar, json_object."""
+    """vLLM's `structured_outputs`: one of json, regex, choice, grammar, json_object. There is one
+    backend (xgrammar), so `disable_fallback` holds already; its strict JSON mode closes objects
+    without `additionalProperties`, which is what `disable_additional_properties` asks."""
 
     model_config = ConfigDict(extra="forbid")
     json_: str | dict[str, Any] | None = Field(None, alias="json")
@@ -108,6 +110,10 @@ class StructuredOutputs(RequestModel):
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: Unsupported(None) = None
+    structural_tag: Unsupported(None) = None
 
 
 class SamplingRequest(RequestModel):
@@ -157,6 +163,8 @@ class SamplingRequest(RequestModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    guided_decoding_backend: Literal["xgrammar", "auto"] | None = None
+    guided_whitespace_pattern: Unsupported(None) = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None,
