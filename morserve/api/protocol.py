@@ -29,7 +29,7 @@ from morserve.engine.structured import StructuredOutputsParams
 
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
-TokenId = Annotated[StrictInt, Field(ge=0, le=LONG_MAX)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]           # no vocabulary is larger
 Count = Annotated[int, Field(ge=0, le=LONG_MAX)]
 Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -131,7 +131,7 @@ class SamplingRequest(RequestModel):
     stop_token_ids: list[TokenId] | None = None
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=2.0)
     ignore_eos: bool = False
     min_tokens: Count = 0
     include_stop_str_in_output: bool = False
@@ -171,9 +171,6 @@ class SamplingRequest(RequestModel):
                         structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """The engine's SamplingParams (raises ValueError, a ParamError naming the field)."""
         repetition_penalty = 1.0 if self.repetition_penalty is None else self.repetition_penalty
-        if not MIN_REPETITION_PENALTY <= repetition_penalty <= 2.0:
-            raise ParamError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 2], got {repetition_penalty}",
-                             "repetition_penalty")
         if self.best_of not in (None, self.n):
             raise ParamError(f"best_of must equal n ({self.n}) or be unset: morserve returns every sequence it "
                              f"samples, got {self.best_of}", "best_of")
@@ -246,8 +243,8 @@ class CompletionRequest(SamplingRequest):
 
 
 class TextContentPart(RequestModel):
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessageParam(RequestModel):
