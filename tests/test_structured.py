@@ -435,7 +435,9 @@ def test_smol_tool_choice_auto_none_and_bad_choices(smol_srv):
 
 
 HERMES_TEMPLATE = ("{% if tools %}<|system|>{{ tools | tojson }}\nAnswer with <tool_call>{...}</tool_call>\n{% endif %}"
-                   "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                   "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                   "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.arguments | tojson }}</tool_call>{% endfor %}"
+                   "\n{% endfor %}"
                    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
@@ -446,11 +448,18 @@ def test_auto_tool_choice_with_a_hermes_template(tmp_path):
     server = _serve(str(ckpt))
     try:
         oai = _client(server)
-        tools, messages = _tool_dicts()[1:], [{"role": "user", "content": "ping?"}]     # 256-token context
+        call = {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": '{"n": 1}'}}
+        tools = _tool_dicts()[1:]                                                          # 256-token context
+        messages = [{"role": "user", "content": "ping?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "pong"}]
         kwargs = dict(model="m", messages=messages, tools=tools, max_tokens=12, temperature=0)
         resp = oai.chat.completions.create(**kwargs)
-        rendered = Tokenizer.load(ckpt).apply_chat_template(messages, tools=tools)
-        assert '"ping"' in rendered and resp.usage.prompt_tokens == len(rendered.encode())   # byte-level
+        # the template sees the earlier call's arguments as an object (as vLLM passes them)
+        as_template_sees = [{**m, "content": m["content"] or ""} for m in messages]
+        as_template_sees[1]["tool_calls"] = [{**call, "function": {"name": "ping", "arguments": {"n": 1}}}]
+        rendered = Tokenizer.load(ckpt).apply_chat_template(as_template_sees, tools=tools)
+        assert '"ping"' in rendered and '<tool_call>{"n": 1}</tool_call>' in rendered
+        assert resp.usage.prompt_tokens == len(rendered.encode())                         # byte-level
         choice = resp.choices[0]
         assert choice.finish_reason == "length" and not choice.message.tool_calls and choice.message.content
         chunks = list(oai.chat.completions.create(stream=True, **kwargs))

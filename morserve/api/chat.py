@@ -4,6 +4,7 @@ output becomes `tool_calls` (tools.py)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
@@ -45,11 +46,26 @@ def _conversation(messages: list[ChatMessageParam]) -> list[dict]:
                                param="messages")
             content = "\n".join(part.text for part in content)
         message = {"role": m.role, "content": content or ""}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_call_id"):
             if getattr(m, key) is not None:
                 message[key] = getattr(m, key)
+        if m.tool_calls is not None:
+            message["tool_calls"] = [_template_tool_call(call) for call in m.tool_calls]
         conversation.append(message)
     return conversation
+
+
+def _template_tool_call(call: dict) -> dict:
+    """An earlier turn's tool call as templates read it (as vLLM passes it): the OpenAI
+    `function.arguments` JSON string parsed into an object when it is one."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def chat_prompt_text(engine: AsyncLLMEngine, model: str, messages: list[ChatMessageParam],
