@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_tiny_temperature_is_raised_zero_stays_greedy():
     assert p.CompletionRequest(prompt="x", temperature=0).sampling_params(1, None).greedy
 
 
-@pytest.mark.parametrize("field,value", [("logit_bias", {"5": 1.0}), ("top_p", 0.0), ("n", 0), ("min_p", -1)])
+@pytest.mark.parametrize("field,value", [("logit_bias", {"five": 1.0}), ("logit_bias", {"5": 101}), ("top_p", 0.0), ("n", 0), ("min_p", -1)])
 def test_bad_sampling_values_raise_value_error(field, value):
     with pytest.raises(ValueError, match=field):
         p.CompletionRequest(prompt="x", **{field: value}).sampling_params(4, None)
@@ -224,17 +225,61 @@ def test_tick_stats_feed_depth_metrics():
 
 def test_request_timer_counts_ttft_itl_and_finish_reasons():
     m = ServerMetrics("tiny")
-    timer = m.request_timer()
+    timer = m.request_timer(SamplingParams(n=1, max_tokens=7))
+    arrival = time.monotonic()
     comp = CompletionOutput(index=0, token_ids=[1])
-    timer.on_output(RequestOutput("r", None, [1, 2, 3], [comp]))
-    comp2 = CompletionOutput(index=0, token_ids=[1, 2], finish_reason="length")
-    timer.on_output(RequestOutput("r", None, [1, 2, 3], [comp2], finished=True))
+    timer.on_output(RequestOutput("r", None, [1, 2, 3], [comp], arrival_time=arrival - 0.5,
+                                  first_scheduled_time=arrival - 0.2))
+    comp2 = CompletionOutput(index=0, token_ids=[1, 2, 5], finish_reason="length")
+    timer.on_output(RequestOutput("r", None, [1, 2, 3], [comp2], finished=True, arrival_time=arrival - 0.5,
+                                  first_scheduled_time=arrival - 0.2))
     timer.done()
-    s = {k[0]: v for k, v in _samples(m).items() if not k[0].endswith("_bucket")}
-    assert s["morserve:time_to_first_token_seconds_count"] == 1
-    assert s["morserve:inter_token_latency_seconds_count"] == 1
-    assert s["morserve:e2e_request_latency_seconds_count"] == 1
-    assert s["morserve:prompt_tokens_total"] == 3 and s["morserve:request_success_total"] == 1
+    s = _samples(m)
+    lbl = lambda **kw: tuple(sorted({"model_name": "tiny", **kw}.items()))   # noqa: E731
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds", "request_time_per_output_token_seconds",
+                 "request_prompt_tokens", "request_generation_tokens", "request_params_n",
+                 "request_params_max_tokens", "time_per_output_token_seconds"):
+        assert s[(f"morserve:{name}_count", lbl())] == 1, name
+    assert abs(s[("morserve:request_queue_time_seconds_sum", lbl())] - 0.3) < 1e-6
+    assert 0.2 <= s[("morserve:request_prefill_time_seconds_sum", lbl())] < 1.0
+    assert s[("morserve:request_prompt_tokens_sum", lbl())] == 3 == s[("morserve:prompt_tokens_total", lbl())]
+    assert s[("morserve:request_generation_tokens_sum", lbl())] == 3
+    assert s[("morserve:request_params_max_tokens_sum", lbl())] == 7
+    assert s[("morserve:request_success_total", lbl(finished_reason="length"))] == 1
+    assert s[("morserve:request_success_total", lbl(finished_reason="stop"))] == 0
+
+
+def test_every_label_value_is_exported_at_zero_and_vllm_names_alias_all():
+    m = ServerMetrics("tiny", vllm_names=True)
+    m.engine_ready(3, 4, {"block_size": "16", "num_gpu_blocks": "100"})
+    s = _samples(m)
+    lbl = lambda **kw: tuple(sorted({"model_name": "tiny", **kw}.items()))   # noqa: E731
+    for prefix in ("morserve", "vllm"):
+        for reason in ("stop", "length", "abort"):
+            assert s[(f"{prefix}:request_success_total", lbl(finished_reason=reason))] == 0
+        assert s[(f"{prefix}:num_preemptions_total", lbl())] == 0
+        assert s[(f"{prefix}:cache_config_info", lbl(block_size="16", num_gpu_blocks="100"))] == 1
+    for d in ("1", "2", "3"):
+        assert s[("morserve:depth_occupancy", lbl(depth=d))] == 0
+        assert s[("morserve:depth_token_ticks_total", lbl(depth=d))] == 0
+    assert s[("morserve:kv_blocks_used", lbl(depth="3"))] == 0
+    names = {name for name, _ in s}
+    for vllm in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc", "vllm:time_per_output_token_seconds_count",
+                 "vllm:request_queue_time_seconds_count", "vllm:request_prefill_time_seconds_count",
+                 "vllm:request_decode_time_seconds_count", "vllm:request_inference_time_seconds_count",
+                 "vllm:request_prompt_tokens_count", "vllm:request_generation_tokens_count",
+                 "vllm:request_params_n_count", "vllm:request_params_max_tokens_count",
+                 "vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count",
+                 "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:iteration_tokens_total_count",
+                 "vllm:inter_token_latency_seconds_count", "vllm:request_time_per_output_token_seconds_count"):
+        assert vllm in names, vllm
+    assert not any(n.startswith("vllm:depth") for n in names)
+    m.on_tick(TickStats(depth_occupancy=[4, 1, 0], exits_per_depth=[3, 1, 0], kv_usage=0.5))
+    s = _samples(m)
+    assert s[("vllm:gpu_cache_usage_perc", lbl())] == 0.5 == s[("morserve:kv_cache_usage_perc", lbl())]
 
 
 # ---- CLI --------------------------------------------------------------------------------------------
@@ -302,9 +347,17 @@ def test_dashboard_is_grafana_json_over_exported_metrics():
     assert dash["title"] and dash["schemaVersion"] >= 30 and dash["panels"]
     exprs = [t["expr"] for panel in dash["panels"] for t in panel.get("targets", [])]
     assert any("morserve:depth_occupancy" in e and "by (depth)" in e for e in exprs)
-    exported = {f.name for f in text_string_to_metric_families(ServerMetrics("m").render().decode())}
-    exported |= {"morserve:depth_occupancy", "morserve:depth_token_ticks", "morserve:exit_depth",
-                 "morserve:kv_blocks_used"}       # labelled by depth: no sample before the first tick
+    metrics = ServerMetrics("m")
+    metrics.engine_ready(3, 4, {"block_size": "16"})          # depth labels and cache_config_info
+    exported = {f.name for f in text_string_to_metric_families(metrics.render().decode())}
+    used = {n for e in exprs for n in re.findall(r"morserve:[a-z0-9_]+", e)}
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds", "request_time_per_output_token_seconds",
+                 "time_per_output_token_seconds", "request_prompt_tokens", "request_generation_tokens",
+                 "request_params_n", "request_params_max_tokens", "cache_config_info", "kv_cache_usage_perc",
+                 "time_to_first_token_seconds", "e2e_request_latency_seconds", "request_success_total",
+                 "num_preemptions_total", "num_requests_running", "num_requests_waiting"):
+        assert any(u.removesuffix("_bucket") == f"morserve:{name}" for u in used), name
     for name in {n for e in exprs for n in re.findall(r"morserve:[a-z0-9_]+", e)}:
         base = re.sub(r"_(bucket|total)$", "", name)
         assert name in exported or base in exported, name

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -251,6 +252,105 @@ def test_stop_string_never_leaks_into_the_stream(http):
     assert events[-1]["choices"][0]["stop_reason"] == stop
 
 
+def _ref_logprobs(ckpt, ids: list[int]) -> torch.Tensor:
+    model, _ = load_checkpoint(ckpt)
+    with torch.no_grad():
+        return torch.log_softmax(reference_forward(model, torch.tensor(ids)).logits.float(), -1)
+
+
+def test_prompt_logprobs_and_echo_with_max_tokens_0(http, ckpt):
+    rng = random.Random()
+    prompt = [rng.randrange(1, 256) for _ in range(rng.randrange(4, 10))]
+    ref = _ref_logprobs(ckpt, prompt)
+    data = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2,
+                                              "prompt_logprobs": 3, "temperature": 0}).json()
+    entries = data["choices"][0]["prompt_logprobs"]
+    assert len(entries) == len(prompt) and entries[0] is None
+    for i in range(1, len(prompt)):
+        entry = entries[i]
+        assert entry[str(prompt[i])]["logprob"] == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)
+        top = ref[i - 1].topk(3)
+        for rank, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            assert entry[str(token)]["logprob"] == pytest.approx(value, abs=1e-4)
+            assert entry[str(token)]["rank"] == rank
+    chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 1,
+                                                   "prompt_logprobs": 0}).json()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    only = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True,
+                                              "logprobs": 1}).json()
+    choice = only["choices"][0]
+    assert choice["text"] == bytes(prompt).decode("utf-8", errors="replace")
+    assert len(choice["logprobs"]["token_logprobs"]) == len(prompt) and choice["logprobs"]["token_logprobs"][0] is None
+    for i in range(1, len(prompt)):
+        assert choice["logprobs"]["token_logprobs"][i] == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)
+    assert only["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": len(prompt)}
+
+
+def test_return_token_ids_stream_and_not(http):
+    body = {"model": MODEL, "prompt": "ids please", "max_tokens": 7, "temperature": 0, "return_token_ids": True,
+            "ignore_eos": True}
+    choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["prompt_token_ids"] == list(b"ids please") and len(choice["token_ids"]) == 7
+    assert bytes(choice["token_ids"]).decode("utf-8", errors="replace") == choice["text"]
+    events = sse_events(http.post("/v1/completions", json={**body, "stream": True}).text.split("\n"))
+    assert events[0]["choices"][0]["prompt_token_ids"] == list(b"ids please")
+    assert [t for e in events for c in e["choices"] for t in c["token_ids"]] == choice["token_ids"]
+    assert len({e["created"] for e in events}) == 1           # one created per request
+    chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 3,
+                                                   "return_token_ids": True}).json()
+    assert chat["prompt_token_ids"] == list(b"<|user|>hi\n<|assistant|>") and len(chat["choices"][0]["token_ids"]) == 3
+    plain = http.post("/v1/completions", json={**body, "return_token_ids": False}).json()["choices"][0]
+    assert "token_ids" not in plain and "prompt_token_ids" not in plain
+
+
+def test_chat_stream_chunks_share_one_created(http):
+    events = sse_events(http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": MSG, "max_tokens": 20, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True}}).text.split("\n"))
+    assert len(events) > 3 and len({e["created"] for e in events}) == 1 and len({e["id"] for e in events}) == 1
+
+
+def test_max_tokens_null_is_the_endpoint_default(http):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": None, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 16
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": None,
+                                                "ignore_eos": True})
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 256          # the rest of the context
+
+
+def test_continue_final_message_and_add_generation_prompt(http):
+    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, the answer"}]
+    tok = http.post("/tokenize", json={"model": MODEL, "messages": prefill, "add_generation_prompt": False}).json()
+    body = {"model": MODEL, "messages": prefill, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    cont = http.post("/v1/chat/completions", json={**body, "continue_final_message": True,
+                                                   "add_generation_prompt": False}).json()
+    assert cont["prompt_token_ids"] == list(b"<|user|>hi\n<|assistant|>Sure, the answer")
+    assert tok["tokens"] == list(b"<|user|>hi\n<|assistant|>Sure, the answer\n")
+    same = http.post("/v1/completions", json={"model": MODEL, "prompt": "<|user|>hi\n<|assistant|>Sure, the answer",
+                                              "max_tokens": 5, "temperature": 0, "ignore_eos": True}).json()
+    assert cont["choices"][0]["message"]["content"] == same["choices"][0]["text"]
+    closed = http.post("/v1/chat/completions", json={**body, "add_generation_prompt": False}).json()
+    assert closed["prompt_token_ids"] == tok["tokens"]
+    opened = http.post("/v1/chat/completions", json=body).json()
+    assert opened["prompt_token_ids"] == tok["tokens"] + list(b"<|assistant|>")
+
+
+def test_logit_bias_truncation_request_id_and_retrieve_model(http):
+    forced = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5, "temperature": 0,
+                                                "logit_bias": {str(ord("Q")): 100}, "ignore_eos": True}).json()
+    assert forced["choices"][0]["text"] == "QQQQQ"
+    cut = http.post("/v1/completions", json={"model": MODEL, "prompt": "abcdefgh", "max_tokens": 1,
+                                             "truncate_prompt_tokens": 3, "echo": True, "request_id": "my-req"}).json()
+    assert cut["usage"]["prompt_tokens"] == 3 and cut["choices"][0]["text"].startswith("fgh")
+    assert cut["id"] == "cmpl-my-req"
+    card = http.get(f"/v1/models/{MODEL}").json()
+    assert card["id"] == MODEL and card["object"] == "model" and card["max_model_len"] == 256
+    r = http.get("/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
 # ---- concurrency, disconnects, admission ---------------------------------------------------------
 def test_32_concurrent_streams_interleave_and_match_unbatched(srv, http):
     prompts = [f"request {i:02d}:" for i in range(32)]
@@ -403,7 +503,27 @@ BAD = [
     (C, {"prompt": "x", "stop": 5}, 400, "stop"),
     (C, {"prompt": "x", "seed": 2**64}, 400, "seed"),
     (C, {"prompt": "x", "seed": "abc"}, 400, "seed"),
-    (C, {"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    (C, {"prompt": "x", "logit_bias": {"1000": 5}}, 400, "logit_bias"),          # not in the vocabulary
+    (C, {"prompt": "x", "logit_bias": {"1": 500}}, 400, "logit_bias"),
+    (C, {"prompt": "x", "logit_bias": {"one": 5}}, 400, "logit_bias"),
+    (C, {"prompt": "x", "top_k": 2**63}, 400, "top_k"),
+    (C, {"prompt": "x", "n": 2**63}, 400, "n"),
+    (C, {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
+    (C, {"prompt": "x", "length_penalty": 0.5}, 400, "length_penalty"),
+    (C, {"prompt": "x", "allowed_token_ids": [1, 2]}, 400, "allowed_token_ids"),
+    (C, {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    (C, {"prompt": "x", "priority": 1}, 400, "priority"),
+    (C, {"prompt": "x", "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),
+    (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (C, {"prompt": "x", "stream": True, "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    (C, {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    (C, {"prompt": "x", "max_tokens": 0, "logprobs": 1}, 400, "max_tokens"),
+    (C, {"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    (CHAT, {"messages": MSG, "continue_final_message": True, "add_generation_prompt": True}, 400,
+     "continue_final_message"),
+    (CHAT, {"messages": MSG, "echo": True}, 400, "echo"),
+    (CHAT, {"messages": MSG, "chat_template": "{{ messages }}"}, 400, "chat_template"),
+    (CHAT, {"messages": MSG, "top_k": 2**63}, 400, "top_k"),
     (C, {"prompt": "x", "suffix": "tail"}, 400, "suffix"),
     (C, {"prompt": "x", "stream": True, "stream_options": 3}, 400, "stream_options"),
     (C, {"prompt": "x", "echo": "loud"}, 400, "echo"),
@@ -415,7 +535,7 @@ BAD = [
      "text"),
     (CHAT, {"messages": MSG, "top_logprobs": 2}, 400, "logprobs"),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 50}, 400, "logprobs"),
-    (CHAT, {"messages": MSG, "max_completion_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": MSG, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     (CHAT, {"messages": MSG, "max_tokens": 1000}, 400, "256"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool"),
     (CHAT, {"messages": MSG, "response_format": {"type": "yaml"}}, 400, "response_format"),
@@ -436,6 +556,8 @@ def test_bad_field_gets_4xx_with_error_body(http, path, body, status, needle):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
     assert needle in err["message"], err["message"]
+    if status == 400:
+        assert err["param"], err
 
 
 def test_malformed_json_and_wrong_method_and_unknown_route(http):

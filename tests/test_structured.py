@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
@@ -305,7 +306,7 @@ def test_mini_completions_regex_choice_grammar_and_guided_names(mini_srv, rng):
     regex = r"[A-Z][a-z]{2,8}-\d{3}"
     choices = rng.sample(["red", "green", "blue", "cyan", "magenta"], 3)
     grammar = 'root ::= "(" num (op num)* ")"\nnum ::= [1-9] [0-9]?\nop ::= "+" | "*"'
-    cases = [({"structured_outputs": {"regex": regex}}, lambda t: re.fullmatch(regex, t)),
+    cases = [({"structured_outputs": {"regex": regex, "disable_fallback": True}}, lambda t: re.fullmatch(regex, t)),
              ({"guided_regex": regex}, lambda t: re.fullmatch(regex, t)),
              ({"structured_outputs": {"choice": choices}}, lambda t: t in choices),
              ({"guided_choice": choices}, lambda t: t in choices),
@@ -322,7 +323,7 @@ def test_mini_completions_regex_choice_grammar_and_guided_names(mini_srv, rng):
             assert reason == "stop" and valid(text), (extra, text)
     schema = person_schema(rng)
     out = oai.completions.create(model="m", prompt="Row:", max_tokens=200, temperature=0,
-                                 extra_body={"guided_json": schema})
+                                 extra_body={"guided_json": schema, "guided_decoding_backend": "xgrammar"})
     jsonschema.validate(json.loads(out.choices[0].text), schema)
     wait_idle(mini_srv)
 
@@ -338,6 +339,9 @@ def test_mini_completions_regex_choice_grammar_and_guided_names(mini_srv, rng):
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
     ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " *"}}, "structured_outputs"),
+    ({"guided_regex": "a", "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+    ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
 ])
 def test_invalid_constraint_is_400_naming_the_field(mini_srv, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
@@ -354,12 +358,19 @@ def test_smol_chat_json_schema_stream_and_not(smol_srv):
     fmt = {"type": "json_schema", "json_schema": {"name": "country", "schema": schema}}
     messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
     kwargs = dict(model="m", messages=messages, max_tokens=60, temperature=0, response_format=fmt)
-    resp = oai.chat.completions.create(**kwargs)
+    resp, chunks = _whole_and_streamed(oai, kwargs)
     assert resp.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(resp.choices[0].message.content), schema)
-    chunks = list(oai.chat.completions.create(stream=True, **kwargs))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == resp.choices[0].message.content
     wait_idle(smol_srv)
+
+
+def _whole_and_streamed(oai: openai.OpenAI, kwargs: dict) -> tuple:
+    """The same chat request without and with streaming, sent at once (batched together)."""
+    with ThreadPoolExecutor(2) as pool:
+        whole = pool.submit(oai.chat.completions.create, **kwargs)
+        streamed = pool.submit(lambda: list(oai.chat.completions.create(stream=True, **kwargs)))
+        return whole.result(), streamed.result()
 
 
 def _tool_dicts() -> list[dict]:
@@ -379,7 +390,8 @@ def test_smol_tool_calls_message_and_stream_deltas(smol_srv, tool_choice):
     oai = _client(smol_srv)
     kwargs = dict(model="m", messages=MESSAGES, tools=_tool_dicts(), tool_choice=tool_choice, max_tokens=80,
                   temperature=0)
-    choice = oai.chat.completions.create(**kwargs).choices[0]
+    resp, chunks = _whole_and_streamed(oai, kwargs)
+    choice = resp.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     whole = choice.message.tool_calls
     assert whole and all(c.type == "function" and c.id for c in whole)
@@ -389,7 +401,6 @@ def test_smol_tool_calls_message_and_stream_deltas(smol_srv, tool_choice):
         _check_call(call.function.name, call.function.arguments)
 
     calls: dict[int, dict] = {}
-    chunks = list(oai.chat.completions.create(stream=True, **kwargs))
     for chunk in chunks:
         assert chunk.choices[0].delta.content in (None, "")
         for delta in chunk.choices[0].delta.tool_calls or []:
@@ -424,7 +435,9 @@ def test_smol_tool_choice_auto_none_and_bad_choices(smol_srv):
 
 
 HERMES_TEMPLATE = ("{% if tools %}<|system|>{{ tools | tojson }}\nAnswer with <tool_call>{...}</tool_call>\n{% endif %}"
-                   "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                   "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                   "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.arguments | tojson }}</tool_call>{% endfor %}"
+                   "\n{% endfor %}"
                    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
@@ -435,11 +448,18 @@ def test_auto_tool_choice_with_a_hermes_template(tmp_path):
     server = _serve(str(ckpt))
     try:
         oai = _client(server)
-        tools, messages = _tool_dicts()[1:], [{"role": "user", "content": "ping?"}]     # 256-token context
+        call = {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": '{"n": 1}'}}
+        tools = _tool_dicts()[1:]                                                          # 256-token context
+        messages = [{"role": "user", "content": "ping?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "pong"}]
         kwargs = dict(model="m", messages=messages, tools=tools, max_tokens=12, temperature=0)
         resp = oai.chat.completions.create(**kwargs)
-        rendered = Tokenizer.load(ckpt).apply_chat_template(messages, tools=tools)
-        assert '"ping"' in rendered and resp.usage.prompt_tokens == len(rendered.encode())   # byte-level
+        # the template sees the earlier call's arguments as an object (as vLLM passes them)
+        as_template_sees = [{**m, "content": m["content"] or ""} for m in messages]
+        as_template_sees[1]["tool_calls"] = [{**call, "function": {"name": "ping", "arguments": {"n": 1}}}]
+        rendered = Tokenizer.load(ckpt).apply_chat_template(as_template_sees, tools=tools)
+        assert '"ping"' in rendered and '<tool_call>{"n": 1}</tool_call>' in rendered
+        assert resp.usage.prompt_tokens == len(rendered.encode())                         # byte-level
         choice = resp.choices[0]
         assert choice.finish_reason == "length" and not choice.message.tool_calls and choice.message.content
         chunks = list(oai.chat.completions.create(stream=True, **kwargs))

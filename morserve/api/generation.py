@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from morserve.api.errors import APIError, error_responses
+from morserve.api.extras import ResponseExtras
 from morserve.api.metrics import ServerMetrics
 from morserve.api.prompts import EnginePrompt
 from morserve.api.protocol import StreamOptions, UsageInfo, now
@@ -134,7 +135,7 @@ class Generation:
             self.admission.release()
 
     async def _pump(self, idx: int, prompt: EnginePrompt) -> None:
-        timer = self.metrics.request_timer()
+        timer = self.metrics.request_timer(self.params)
         accepted = True
         try:
             async for out in self.engine.generate(prompt.token_ids, self.params, f"{self.request_id}-{idx}"):
@@ -220,9 +221,9 @@ async def _client_gone(raw: Request) -> None:
 
 async def respond(raw: Request, state: ServerState, prompts: list[EnginePrompt], params: SamplingParams,
                   request_id: str, formatter: ResponseFormatter, stream: bool,
-                  stream_options: StreamOptions | None) -> Response:
+                  stream_options: StreamOptions | None, extras: ResponseExtras | None = None) -> Response:
     """Run the request and answer it: an SSE stream, or one JSON body (abandoned, and the engine
-    requests aborted, when the client disconnects first)."""
+    requests aborted, when the client disconnects first); `extras` adds vLLM's extra fields."""
     engine = state.ready_engine()
     admission = state.admit(len(prompts) * params.n)
     gen = Generation(engine, prompts, params, request_id, state.metrics, admission)
@@ -235,14 +236,17 @@ async def respond(raw: Request, state: ServerState, prompts: list[EnginePrompt],
         asked = stream_options or StreamOptions(include_usage=False)
         include_usage = state.settings.enable_force_include_usage or bool(asked.include_usage)
         continuous = include_usage and bool(asked.continuous_usage_stats)
-        return sse_response(stream_chunks(gen, formatter, include_usage, continuous))
+        return sse_response(stream_chunks(gen, formatter, include_usage, continuous, extras))
 
     async def collect() -> BaseModel:
         try:
             outputs = await gen.final_outputs()
         finally:
             await gen.close()
-        return gen.stamp(formatter.response(outputs, gen.usage()))
+        response = formatter.response(outputs, gen.usage())
+        if extras is not None:
+            extras.response(response, outputs)
+        return gen.stamp(response)
 
     work = asyncio.ensure_future(collect())
     watcher = asyncio.ensure_future(_client_gone(raw))

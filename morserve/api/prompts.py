@@ -57,9 +57,12 @@ async def tokenize(engine: AsyncLLMEngine, texts: list[str], add_special_tokens:
                                             for t in texts])
 
 
-async def text_prompt(engine: AsyncLLMEngine, text: str, add_special_tokens: bool = False) -> EnginePrompt:
-    """One text prompt (a rendered chat, say) as an EnginePrompt."""
+async def text_prompt(engine: AsyncLLMEngine, text: str, add_special_tokens: bool = False,
+                      truncate: int | None = None) -> EnginePrompt:
+    """One text prompt (a rendered chat, say) as an EnginePrompt (its last `truncate` tokens)."""
     (ids,) = await tokenize(engine, [text], add_special_tokens)
+    if truncate is not None:
+        return EnginePrompt(check_prompt(engine, ids[-truncate:]))
     return EnginePrompt(check_prompt(engine, ids), text)
 
 

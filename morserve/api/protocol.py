@@ -1,14 +1,18 @@
-"""OpenAI / vLLM request and response schemas (pydantic), field for field where we support the
-feature. Requests ignore unknown fields, as vLLM does; value ranges are checked by
-`SamplingParams` (its ValueError becomes a 400). `return_depths` is morserve's extension:
+"""OpenAI / vLLM request and response schemas (pydantic), field for field. Every numeric field
+carries its bounds in the schema (so the OpenAPI document says what is accepted); `SamplingParams`
+checks them again for offline users. vLLM fields morserve does not implement are declared with the
+one value that means "off" (`Unsupported`): any other value is a 400 naming the field. Unknown
+fields are ignored, as vLLM does. `return_depths` is morserve's extension:
 `depths[i]` is the recursion depth of the position that produced generated token i (for the
-first token, the last prompt position)."""
+first token, the last prompt position); docs/api.md lists every field."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from typing import Annotated, Any, Literal
+
+from pydantic import ValidationInfo, WrapValidator
 
 from pydantic import (
     BaseModel,
@@ -21,11 +25,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from morserve.engine.sampling_params import SamplingParams
+from morserve.engine.sampling_params import ParamError, SamplingParams
 from morserve.engine.structured import StructuredOutputsParams
 
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
-TokenId = Annotated[StrictInt, Field(ge=0)]
+MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]           # no vocabulary is larger
+Count = Annotated[int, Field(ge=0, le=LONG_MAX)]
+Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Bias = Annotated[float, Field(ge=-SamplingParams.MAX_LOGIT_BIAS, le=SamplingParams.MAX_LOGIT_BIAS)]
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Prompt = Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
@@ -35,6 +44,11 @@ MIN_REPETITION_PENALTY = 1e-2   # smaller ones overflow the penalized logits to 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def response_id(prefix: str, request_id: str | None) -> str:
+    """The response id: from the client's `request_id` (as vLLM), else random."""
+    return f"{prefix}-{request_id}" if request_id else random_id(prefix)
 
 
 def now() -> int:
@@ -47,6 +61,20 @@ def _without_none(value: Any) -> bool:
 
 DEPTHS_DESCRIPTION = ("depths[i] is the recursion depth of the position that produced generated token i "
                       "(for the first token, the last prompt position)")
+
+
+def _not_supported(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError("unsupported", "{field} is not supported by morserve (got {got})",
+                                  {"field": info.field_name, "got": repr(value)[:60]}) from None
+
+
+def Unsupported(off: Any) -> Any:             # noqa: N802 - a type constructor
+    """A vLLM field morserve does not implement: only `off` (its default) is accepted."""
+    return Annotated[Literal[off], WrapValidator(_not_supported)]
+
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -76,57 +104,81 @@ class ResponseFormat(RequestModel):
 
 
 class StructuredOutputs(RequestModel):
-    """vLLM's `structured_outputs`: one of json, regex, choice, grammar, json_object."""
+    """vLLM's `structured_outputs`: one of json, regex, choice, grammar, json_object. There is one
+    backend (xgrammar), so `disable_fallback` holds already; its strict JSON mode closes objects
+    without `additionalProperties`, which is what `disable_additional_properties` asks."""
 
     model_config = ConfigDict(extra="forbid")
     json_: str | dict[str, Any] | None = Field(None, alias="json")
     regex: str | None = None
-    choice: list[str] | None = None
+    choice: list[str] | None = Field(None, min_length=1)
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: Unsupported(None) = None
+    structural_tag: Unsupported(None) = None
 
 
 class SamplingRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
+    n: int = Field(1, ge=1, le=SamplingParams.MAX_N)
+    best_of: int | None = Field(None, ge=1, le=SamplingParams.MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, le=LONG_MAX)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=LONG_MIN, le=LONG_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    repetition_penalty: float | None = None
+    presence_penalty: Penalty | None = 0.0
+    frequency_penalty: Penalty | None = 0.0
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=2.0)
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Count = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Bias] | None = None
+    return_token_ids: bool | None = False
+    truncate_prompt_tokens: int | None = Field(None, ge=1, le=LONG_MAX)
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    cache_salt: str | None = None          # accepted: morserve has no prefix cache to salt
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    prompt_logprobs: Logprobs | None = None               # (after stream: its check reads stream)
     return_depths: bool = Field(False, description="also return `depths`: " + DEPTHS_DESCRIPTION)
+    use_beam_search: Unsupported(False) = False
+    length_penalty: Unsupported(1.0) = 1.0
+    spaces_between_special_tokens: Unsupported(True) = True
+    allowed_token_ids: Unsupported(None) = None
+    bad_words: Unsupported(None) = None
+    priority: Unsupported(0) = 0
+    logits_processors: Unsupported(None) = None
+    return_tokens_as_token_ids: Unsupported(None) = None
+    kv_transfer_params: Unsupported(None) = None
+    vllm_xargs: Unsupported(None) = None
+    mm_processor_kwargs: Unsupported(None) = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    guided_decoding_backend: Literal["xgrammar", "auto"] | None = None
+    guided_whitespace_pattern: Unsupported(None) = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None,
                         structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
-        """The engine's SamplingParams (raises ValueError naming a bad value)."""
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        """The engine's SamplingParams (raises ValueError, a ParamError naming the field)."""
         repetition_penalty = 1.0 if self.repetition_penalty is None else self.repetition_penalty
-        if not MIN_REPETITION_PENALTY <= repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 2], got {repetition_penalty}")
+        if self.best_of not in (None, self.n):
+            raise ParamError(f"best_of must equal n ({self.n}) or be unset: morserve returns every sequence it "
+                             f"samples, got {self.best_of}", "best_of")
         temperature = 1.0 if self.temperature is None else self.temperature
         if 0.0 < temperature < MIN_TEMPERATURE:
             temperature = MIN_TEMPERATURE
@@ -141,15 +193,47 @@ class SamplingRequest(RequestModel):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=repetition_penalty,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens, structured_outputs=structured_outputs)
+            skip_special_tokens=self.skip_special_tokens, structured_outputs=structured_outputs,
+            logit_bias=self._logit_bias())
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(token): bias for token, bias in self.logit_bias.items()}
+        except ValueError:
+            raise ParamError(f"logit_bias keys must be token ids, got {list(self.logit_bias)[:5]}",
+                             "logit_bias") from None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options can only be set when stream is true")
+        return value
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _no_prompt_logprobs_when_streaming(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not available when stream is true")
+        return value
 
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: Count | None = Field(16, description="null: 16, the endpoint's default; 0 only with echo "
+                                                     "(the prompt and its logprobs alone)")
+    logprobs: Logprobs | None = None
     echo: bool | None = False
-    suffix: str | None = None
+    suffix: Unsupported(None) = None
+    add_special_tokens: bool = True
+    prompt_embeds: Unsupported(None) = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _null_is_the_default(cls, value: int | None) -> int:
+        return 16 if value is None else value
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -164,8 +248,8 @@ class CompletionRequest(SamplingRequest):
 
 
 class TextContentPart(RequestModel):
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessageParam(RequestModel):
@@ -199,11 +283,19 @@ class NamedToolChoice(RequestModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessageParam] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1, le=LONG_MAX, description="null: the rest of the context")
+    max_completion_tokens: int | None = Field(None, ge=1, le=LONG_MAX)
     logprobs: bool | None = False
-    top_logprobs: int | None = 0
+    top_logprobs: Logprobs | None = 0
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True         # accepted: no reasoning parser, nothing to include or drop
+    echo: Unsupported(False) = False
+    chat_template: Unsupported(None) = None
+    reasoning_effort: Unsupported(None) = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
@@ -257,12 +349,26 @@ class CompletionLogProbs(ResponseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(ResponseModel):
+    """vLLM's Logprob, in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionResponseChoice(ResponseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=_without_none)
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_without_none)
+    token_ids: list[int] | None = Field(None, exclude_if=_without_none)
     depths: list[int] | None = Field(None, exclude_if=_without_none, description=DEPTHS_DESCRIPTION)
 
 
@@ -336,6 +442,7 @@ class ChatCompletionResponseChoice(ResponseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = "stop"
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = Field(None, exclude_if=_without_none)
     depths: list[int] | None = Field(None, exclude_if=_without_none, description=DEPTHS_DESCRIPTION)
 
 
@@ -343,6 +450,8 @@ class ChatCompletionResponse(GenerationResponse):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=_without_none)
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_without_none)
 
 
 class DeltaMessage(ResponseModel):
@@ -357,12 +466,14 @@ class ChatCompletionResponseStreamChoice(ResponseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = Field(None, exclude_if=_without_none)
     depths: list[int] | None = Field(None, exclude_if=_without_none, description=DEPTHS_DESCRIPTION)
 
 
 class ChatCompletionStreamResponse(GenerationResponse):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatCompletionResponseStreamChoice]
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_without_none)
 
 
 class ModelPermission(ResponseModel):

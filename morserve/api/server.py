@@ -28,7 +28,7 @@ from fastapi import FastAPI
 import morserve
 from morserve.api.errors import APIError, install_error_handlers
 from morserve.api.limits import BodyLimitMiddleware, header_timeout_protocol
-from morserve.api.metrics import ServerMetrics
+from morserve.api.metrics import ServerMetrics, cache_config
 from morserve.api.middleware import RequestMiddleware
 from morserve.api.routes import router
 from morserve.api.state import ServerSettings, ServerState
@@ -176,6 +176,8 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory,
             if on_load_failure is not None:
                 on_load_failure(exc)
             return
+        info = cache_config(engine)
+        state.metrics.engine_ready(engine.model_config.mor.num_recursions, int(info["num_kv_stages"]), info)
         engine.add_tick_listener(state.metrics.on_tick)
         state.engine = engine
         logger.info("model %s loaded; serving", settings.model)

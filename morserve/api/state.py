@@ -83,7 +83,7 @@ class ServerState:
             capacity = self.settings.max_num_seqs + limit
             if num_seqs > capacity:
                 raise APIError(400, f"this request needs {num_seqs} sequences (prompts x n); the server "
-                                    f"admits at most {capacity} at once")
+                                    f"admits at most {capacity} at once", param="n")
             if self.in_flight_seqs + num_seqs > capacity:
                 raise APIError(429, f"the server is busy ({self.in_flight_seqs} sequences in flight, queue "
                                     f"limit {limit}); retry later",

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from morserve.api.errors import APIError, error_body
 
 if TYPE_CHECKING:
+    from morserve.api.extras import ResponseExtras
     from morserve.api.generation import Generation, ResponseFormatter
 
 logger = logging.getLogger(__name__)
@@ -25,13 +26,15 @@ DONE = "data: [DONE]\n\n"
 
 
 async def stream_chunks(gen: Generation, formatter: ResponseFormatter, include_usage: bool,
-                        continuous_usage: bool) -> AsyncIterator[BaseModel]:
+                        continuous_usage: bool, extras: ResponseExtras | None = None) -> AsyncIterator[BaseModel]:
     """The response objects of one streamed request, in order."""
     try:
         for chunk in formatter.stream_prefix():
             yield gen.stamp(chunk)
         async for delta in gen.deltas():
             chunk = formatter.stream_chunk(delta)
+            if extras is not None:
+                extras.chunk(chunk, delta)
             if continuous_usage:
                 chunk.usage = gen.usage()
             yield gen.stamp(chunk)
