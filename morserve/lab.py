@@ -35,6 +35,7 @@ from morserve.model.mor import MoRModel
 from morserve.model.reference import reference_forward
 from morserve.tokenizer import Tokenizer
 from morserve.train.analyze import ModelSummary, summarize
+from morserve.train.compare import format_comparison, plot_comparison
 from morserve.train.data import CorpusData, encode_corpus, read_texts, train_bpe_tokenizer
 from morserve.train.task_eval import TaskData, TaskReport, evaluate_task
 from morserve.train.tasks import ID, VOCAB, Task, get_task, task_tokenizer
@@ -196,7 +197,6 @@ def analyze(lm: LabModel, task: str | Task | None = None, text: str | None = Non
 def compare(models: list[LabModel], task: str | Task | None = None, text: str | None = None,
             png: str | Path | None = None, samples: int = 512) -> list[ModelSummary]:
     """`analyze` for each model; with `png`, also the side-by-side figure."""
-    from morserve.train.compare import format_comparison, plot_comparison
     rows = [analyze(m, task, text, samples) for m in models]
     if png is not None:
         plot_comparison(rows, png)

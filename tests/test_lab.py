@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -205,3 +206,14 @@ def test_train_on_a_corpus_and_generate_with_depths(tmp_path):
         lab.train(m, task="copy", steps=1)
     with pytest.raises(TypeError, match="unknown training setting"):
         lab.train(m, corpus=[text], steps=1, learning_rate=1.0)
+
+
+# ---- every compute command takes --threads ----------------------------------------------------
+@pytest.mark.parametrize("module", ["morserve.train.command", "morserve.train.analyze", "morserve.train.convert",
+                                    "morserve.engine.cli", "morserve.api.server"])
+def test_every_compute_command_has_a_threads_flag(module, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--help"])
+    assert exit_.value.code == 0
+    assert re.search(r"--threads THREADS\s+torch CPU threads \(default 1", capsys.readouterr().out)

@@ -286,7 +286,7 @@ def _analyze_one(args: argparse.Namespace, out: Path) -> None:
 
 
 def _compare(args: argparse.Namespace, out: Path) -> None:
-    from morserve.train.compare import format_comparison, plot_comparison
+    from morserve.train.compare import format_comparison, plot_comparison   # compare imports this module
     text = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else None
     task = get_task(args.task) if args.task else None
     rows = []

@@ -33,7 +33,7 @@ def format_comparison(rows: list[ModelSummary]) -> str:
         lines.append(f"{r.model[-28:]:28s} {r.routing:26s} {r.loss:6.3f} {_opt(r.accuracy, '6.1%')} "
                      f"{_opt(r.baseline, '6.1%')} {r.mean_depth:5.2f} {hist:18s} {_opt(r.entropy_norm, '6.3f')} "
                      f"{_opt(r.entropy, '6.3f')} {_opt(r.entropy_max, '6.3f')}")
-    kinds = sorted({k for r in rows for k in r.by_kind}, key=lambda k: [k in r.by_kind for r in rows], reverse=True)
+    kinds = list(dict.fromkeys(k for r in rows for k in r.by_kind))      # task order, first model first
     if kinds:
         lines.append("mean depth (accuracy) per kind of position:")
         for r in rows:

@@ -29,6 +29,7 @@ from morserve.checkpoint import load_pretrained, save_checkpoint
 from morserve.config import ModelConfig, MoRConfig
 from morserve.model.mor import MoRModel
 from morserve.model.reference import reference_forward
+from morserve.threads import add_threads_flag, set_threads
 from morserve.tokenizer import Tokenizer
 from morserve.train.losses import lm_loss
 
@@ -123,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-text", help="report next-token loss of original vs converted on this text")
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    add_threads_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_threads(args.threads)
     pre = load_pretrained(args.source, dtype=torch.float32)
     capacity = [float(c) for c in args.capacity.split(",")] if args.capacity else None
     router = None if args.router == "none" else args.router
