@@ -72,7 +72,9 @@ def Unsupported(off: Any) -> Any:             # noqa: N802 - a type constructor
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Strict types (no "1" for 1, no 0 for false): what the schema says is what is accepted."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ResponseModel(BaseModel):
