@@ -17,7 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictInt,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -29,7 +28,6 @@ from morserve.engine.structured import StructuredOutputsParams
 
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
-TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]           # no vocabulary is larger
 
 
 def _integral(value: Any) -> Any:
@@ -40,6 +38,7 @@ def _integral(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_integral)]
 Count = Annotated[Int, Field(ge=0, le=LONG_MAX)]
 Logprobs = Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)]
+TokenId = Annotated[Int, Field(ge=0, le=2**31 - 1)]           # no vocabulary is larger
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Bias = Annotated[float, Field(ge=-SamplingParams.MAX_LOGIT_BIAS, le=SamplingParams.MAX_LOGIT_BIAS)]
 Text = Annotated[str, Field(min_length=1)]
@@ -66,17 +65,21 @@ def _without_none(value: Any) -> bool:
     return value is None
 
 
-def _not_supported(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
-    try:
-        return handler(value)
-    except ValidationError:
-        raise PydanticCustomError("unsupported", "{field} is not supported by morserve (got {got})",
-                                  {"field": info.field_name, "got": repr(value)[:60]}) from None
+def _is(value: Any, off: Any) -> bool:
+    """`value` is `off` as JSON sees it (0 is not false, 1 is 1.0)."""
+    if off is None or isinstance(off, bool):
+        return value is off
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == off
 
 
 def Unsupported(off: Any) -> Any:             # noqa: N802 - a type constructor
     """A vLLM field morserve does not implement: only `off` (its default) is accepted."""
-    return Annotated[Literal[off], WrapValidator(_not_supported)]
+    def only_off(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        if not _is(value, off):
+            raise PydanticCustomError("unsupported", "{field} is not supported by morserve (got {got})",
+                                      {"field": info.field_name, "got": repr(value)[:60]})
+        return handler(value)
+    return Annotated[Literal[off], WrapValidator(only_off)]
 
 
 class RequestModel(BaseModel):
