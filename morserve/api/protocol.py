@@ -12,13 +12,12 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import ValidationInfo, WrapValidator
+from pydantic import BeforeValidator, ValidationInfo, WrapValidator
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictInt,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -30,9 +29,17 @@ from morserve.engine.structured import StructuredOutputsParams
 
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
-TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]           # no vocabulary is larger
-Count = Annotated[int, Field(ge=0, le=LONG_MAX)]
-Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 2.0 as an integer: take it as 2 (strict ints refuse every other float)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+Count = Annotated[Int, Field(ge=0, le=LONG_MAX)]
+Logprobs = Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)]
+TokenId = Annotated[Int, Field(ge=0, le=2**31 - 1)]           # no vocabulary is larger
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Bias = Annotated[float, Field(ge=-SamplingParams.MAX_LOGIT_BIAS, le=SamplingParams.MAX_LOGIT_BIAS)]
 Text = Annotated[str, Field(min_length=1)]
@@ -63,21 +70,27 @@ DEPTHS_DESCRIPTION = ("depths[i] is the recursion depth of the position that pro
                       "(for the first token, the last prompt position)")
 
 
-def _not_supported(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
-    try:
-        return handler(value)
-    except ValidationError:
-        raise PydanticCustomError("unsupported", "{field} is not supported by morserve (got {got})",
-                                  {"field": info.field_name, "got": repr(value)[:60]}) from None
+def _is(value: Any, off: Any) -> bool:
+    """`value` is `off` as JSON sees it (0 is not false, 1 is 1.0)."""
+    if off is None or isinstance(off, bool):
+        return value is off
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == off
 
 
 def Unsupported(off: Any) -> Any:             # noqa: N802 - a type constructor
     """A vLLM field morserve does not implement: only `off` (its default) is accepted."""
-    return Annotated[Literal[off], WrapValidator(_not_supported)]
+    def only_off(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        if not _is(value, off):
+            raise PydanticCustomError("unsupported", "{field} is not supported by morserve (got {got})",
+                                      {"field": info.field_name, "got": repr(value)[:60]})
+        return handler(value)
+    return Annotated[Literal[off], WrapValidator(only_off)]
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Strict types (no "1" for 1, no 0 for false): what the schema says is what is accepted."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ResponseModel(BaseModel):
@@ -125,13 +138,13 @@ class SamplingRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=SamplingParams.MAX_N)
-    best_of: int | None = Field(None, ge=1, le=SamplingParams.MAX_N)
+    n: Int = Field(1, ge=1, le=SamplingParams.MAX_N)
+    best_of: Int | None = Field(None, ge=1, le=SamplingParams.MAX_N)
     temperature: float | None = Field(None, ge=0.0, le=100.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=LONG_MAX)
+    top_k: Int | None = Field(None, ge=-1, le=LONG_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=LONG_MIN, le=LONG_MAX)
+    seed: Int | None = Field(None, ge=LONG_MIN, le=LONG_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     presence_penalty: Penalty | None = 0.0
@@ -143,7 +156,7 @@ class SamplingRequest(RequestModel):
     skip_special_tokens: bool = True
     logit_bias: dict[str, Bias] | None = None
     return_token_ids: bool | None = False
-    truncate_prompt_tokens: int | None = Field(None, ge=1, le=LONG_MAX)
+    truncate_prompt_tokens: Int | None = Field(None, ge=1, le=LONG_MAX)
     request_id: str | None = Field(None, min_length=1, max_length=256)
     cache_salt: str | None = None          # accepted: morserve has no prefix cache to salt
     user: str | None = None
@@ -283,8 +296,8 @@ class NamedToolChoice(RequestModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessageParam] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=LONG_MAX, description="null: the rest of the context")
-    max_completion_tokens: int | None = Field(None, ge=1, le=LONG_MAX)
+    max_tokens: Int | None = Field(None, ge=1, le=LONG_MAX, description="null: the rest of the context")
+    max_completion_tokens: Int | None = Field(None, ge=1, le=LONG_MAX)
     logprobs: bool | None = False
     top_logprobs: Logprobs | None = 0
     add_generation_prompt: bool = True

@@ -1,4 +1,4 @@
-"""The small endpoints (/health, /version, /v1/models, /tokenize, /detokenize, /tokenizer_info,
+"""The small endpoints (/health, /version, /v1/models[/{id}], /tokenize, /detokenize, /tokenizer_info,
 /metrics) and the router that gathers them with completions and chat."""
 
 from __future__ import annotations
