@@ -29,13 +29,17 @@ class BlockPass:
     """Callable `(meta [NUM_FIELDS, T] int64, tables [G, M, L] int32) -> continue [T] bool`.
 
     `hidden` is the hidden-state pool; token choice also reads `entry` (each token's state at
-    entry to the recursions) and `gate` ([pool, 1] float32, the gate of its final recursion)."""
+    entry to the recursions) and `gate` ([pool, 1] float32, the gate of its final recursion).
+    `depth_cap` [pool] and `threshold` [pool] are each row's request overrides (engine/depth.py):
+    no token continues past its cap, expert choice compares with its own threshold."""
 
     def __init__(self, model: MoRModel, kv: PagedKVCache, hidden: torch.Tensor,
-                 entry: torch.Tensor | None, gate: torch.Tensor | None) -> None:
+                 entry: torch.Tensor | None, gate: torch.Tensor | None,
+                 depth_cap: torch.Tensor, threshold: torch.Tensor) -> None:
         self.model, self.kv = model, kv
         self.mor = model.config.mor
         self.hidden, self.entry, self.gate = hidden, entry, gate
+        self.depth_cap, self.threshold = depth_cap, threshold
         bias = self.mor.router_bias or [0.0] * self.mor.num_recursions
         self.bias = torch.tensor(bias, dtype=torch.float32, device=hidden.device)
 
@@ -55,7 +59,8 @@ class BlockPass:
             new_h = h + gate[:, None].to(h.dtype) * x
             following = depth.clamp(max=nr - 1)[:, None]            # 0-based index of router d+1
             raw = model.expert_router_logits(new_h).gather(1, following).squeeze(1)
-            cont = (depth < nr) & expert_takes(raw, mor, following.squeeze(1) + 1, self.bias)
+            cont = ((depth < self.depth_cap.index_select(0, slots))
+                    & expert_takes(raw, mor, following.squeeze(1) + 1, self.bias, self.threshold.index_select(0, slots)))
         elif mor.router == "token":
             target = meta[TARGET]
             final = (target == depth)[:, None]
@@ -65,6 +70,6 @@ class BlockPass:
             cont = target > depth
         else:
             new_h = x
-            cont = depth < nr
+            cont = depth < self.depth_cap.index_select(0, slots)
         kernels.scatter_rows(self.hidden, slots, new_h)
         return cont

@@ -153,6 +153,9 @@ class DecodeLoop:
                 cache = stage_caches.get((seq.seq_id, stage))
                 lengths[b, stage] = cache.length if cache is not None else 0
         self.sampling = bool(temperatures[:n].any())
+        # every token a row computes in the loop routes with its sequence's current overrides
+        self.runner.set_routing(torch.tensor([seq.chunk.slots[0] for seq in seqs], dtype=torch.long).to(self.slot.device),
+                                [seq.caps.current for seq in seqs], [seq.request.router_threshold for seq in seqs])
         self.refresh_tables(seqs)
         with torch.inference_mode():
             device_fields = self._fields_pinned.to(self.token.device, non_blocking=True)
@@ -260,7 +263,8 @@ class DecodeLoop:
         fresh_slots = torch.where(fresh, self.slot, scratch)
         kernels.scatter_rows(runner.hidden, fresh_slots, h)
         if mor.router == "token":
-            chosen, weight = token_choice(model.token_router_logits(h), mor, runner.block_pass.bias)
+            chosen, weight = token_choice(model.token_router_logits(h), mor, runner.block_pass.bias,
+                                          runner.depth_cap.index_select(0, self.slot))
             self.target.copy_(torch.where(fresh, chosen, self.target))
             kernels.scatter_rows(runner.entry, fresh_slots, h)
             runner.gate.index_copy_(0, fresh_slots, weight[:, None].float())

@@ -32,6 +32,7 @@ import torch
 from morserve.config import ModelConfig
 from morserve.engine.args import EngineArgs
 from morserve.engine.cuda_graphs import graph_sizes
+from morserve.engine.depth import check_depth_params, request_max_depth, request_threshold
 from morserve.engine.decode_loop import DecodeLoop, LoopHandle, LoopOutput
 from morserve.engine.kv_cache import BlockManager
 from morserve.engine.outputs import CompletionOutput, RequestOutput
@@ -126,6 +127,8 @@ class LLMEngine:
         """Validate and queue a request; raises ValueError naming the problem."""
         params = params or SamplingParams()
         params.validate()
+        mor = self.model_config.mor
+        check_depth_params(params, mor)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
@@ -146,7 +149,8 @@ class LLMEngine:
                              f"cover the whole vocabulary ({self.model_config.vocab_size} tokens)")
         if params.max_tokens is None:
             params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
-        req = Request(request_id, text, ids, params)
+        req = Request(request_id, text, ids, params, max_depth=request_max_depth(params, mor),
+                      router_threshold=request_threshold(params, mor))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(params.n):
@@ -275,8 +279,8 @@ class LLMEngine:
                 return 0
             chunk = seq.chunk
             pending = seq.num_computed == len(seq.token_ids) - 1 if chunk is None else chunk.n == chunk.num_active == 1
-            if not pending:
-                return 0
+            if not pending or (chunk is not None and seq.caps.at(chunk.start) != seq.caps.current):
+                return 0      # (the loop routes a row's tokens with one cap)
             steps = min(steps, self.max_model_len - len(seq.token_ids))
         if sum(seq.chunk is None for seq in seqs) > self.runner.num_free_slots:
             return 0          # every row holds a pool slot for the whole loop

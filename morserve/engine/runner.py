@@ -56,7 +56,11 @@ class ModelRunner:
             entry = torch.zeros_like(self.hidden)
             gate = torch.zeros(pool_size + 1, 1, dtype=torch.float32, device=self.device)
         self.entry, self.gate = entry, gate
-        self.block_pass = BlockPass(model, self.kv, self.hidden, entry, gate)
+        # each pool row's routing overrides (engine/depth.py), written when its token enters
+        self.depth_cap = torch.full((pool_size + 1,), self.mor.num_recursions, dtype=torch.long, device=self.device)
+        self.threshold = torch.full((pool_size + 1,), self.mor.routing_threshold if self.mor.router == "expert"
+                                    else 0.0, dtype=torch.float32, device=self.device)
+        self.block_pass = BlockPass(model, self.kv, self.hidden, entry, gate, self.depth_cap, self.threshold)
         self.graphed: GraphedBlockPass | None = None
         self.free_slots = list(range(pool_size - 1, -1, -1))
 
@@ -84,6 +88,14 @@ class ModelRunner:
 
     def _slots_tensor(self, chunks: list[Chunk]) -> torch.Tensor:
         return torch.tensor([s for c in chunks for s in c.slots], dtype=torch.long).to(self.device)
+
+    def set_routing(self, slots: torch.Tensor, caps: list[int], thresholds: list[float]) -> torch.Tensor:
+        """Write the depth caps and expert thresholds of the tokens entering pool rows `slots`;
+        returns the caps on the device."""
+        caps_t = torch.tensor(caps, dtype=torch.long).to(self.device)
+        self.depth_cap.index_copy_(0, slots, caps_t)
+        self.threshold.index_copy_(0, slots, torch.tensor(thresholds, dtype=torch.float32).to(self.device))
+        return caps_t
 
     # ---- stage 0 (prologue / epilogue) -----------------------------------------------------
     def _stage0(self, chunks: list[Chunk]):
@@ -119,8 +131,10 @@ class ModelRunner:
             chunk.taken = [0] * chunk.n
         slots = self._slots_tensor(chunks)
         kernels.scatter_rows(self.hidden, slots, h)
+        caps = self.set_routing(slots, [cap for c in chunks for cap in c.seq.caps.span(c.start, c.end)],
+                                [c.seq.request.router_threshold for c in chunks for _ in range(c.n)])
         if self.mor.router == "token":
-            depth, weight = token_choice(model.token_router_logits(h), self.mor)
+            depth, weight = token_choice(model.token_router_logits(h), self.mor, max_depth=caps)
             kernels.scatter_rows(self.entry, slots, h)
             self.gate.index_copy_(0, slots, weight[:, None].float())
             depth = depth.tolist()

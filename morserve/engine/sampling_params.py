@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -11,7 +12,11 @@ class SamplingParams:
     seed makes the request's sampling reproducible whatever else is in the batch. logprobs /
     prompt_logprobs: how many top alternatives to report per token (0 = only the chosen token).
     output_kind: `cumulative` (a RequestOutput after every tick that touched the request, for
-    streaming) or `final_only` (only the finished one; what offline generation needs)."""
+    streaming) or `final_only` (only the finished one; what offline generation needs).
+    Depth (morserve's extensions, see engine/depth.py): `max_depth` caps the recursions any token
+    of the request takes (1..Nr); `router_threshold` replaces the expert-choice routing threshold;
+    `allow_depth_reduction` lets a load-adaptive depth policy lower the cap while the server is
+    loaded. The model-dependent ranges are checked by the engine (`check_depth_params`)."""
 
     n: int = 1
     max_tokens: int | None = 16
@@ -32,6 +37,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"
+    max_depth: int | None = None
+    router_threshold: float | None = None
+    allow_depth_reduction: bool = False
 
     OUTPUT_KINDS = ("cumulative", "final_only")
 
@@ -86,3 +94,12 @@ class SamplingParams:
             bad("output_kind", f"must be one of {self.OUTPUT_KINDS}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
+        if self.max_depth is not None and (not isinstance(self.max_depth, int) or isinstance(self.max_depth, bool)
+                                           or self.max_depth < 1):
+            bad("max_depth", "must be an integer >= 1")
+        if self.router_threshold is not None and (not isinstance(self.router_threshold, (int, float))
+                                                  or isinstance(self.router_threshold, bool)
+                                                  or not math.isfinite(self.router_threshold)):
+            bad("router_threshold", "must be a finite number")
+        if not isinstance(self.allow_depth_reduction, bool):
+            bad("allow_depth_reduction", "must be a boolean")

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 
+from morserve.engine.depth import DepthCaps
 from morserve.engine.outputs import TokenLogprobs
 from morserve.engine.sampling_params import SamplingParams
 
@@ -35,6 +36,12 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     chunk: "Chunk | None" = None
+    caps: DepthCaps | None = None                # depth cap of every position (see depth.py)
+    prompt_depths: list[int] = field(default_factory=list)   # recursions taken, per computed prompt position
+
+    def __post_init__(self) -> None:
+        if self.caps is None:
+            self.caps = DepthCaps(self.request.max_depth)
 
     @property
     def prompt_len(self) -> int:
@@ -59,6 +66,8 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_preemptions: int = 0
+    max_depth: int = 1                           # the request's own depth cap (SamplingParams.max_depth or Nr)
+    router_threshold: float = 0.0                # the expert-choice threshold it routes with
 
     @property
     def prompt_len(self) -> int:

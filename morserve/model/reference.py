@@ -6,7 +6,9 @@ epilogue. At recursion r only tokens that take r are updated; their attention se
 - kv_mode `share_first`: every earlier token's recursion-1 K/V (deeper recursions write nothing).
 Routing `threshold` is the causal inference rule (engine-reproducible); `topk` is the reference
 training code's non-causal top-k over the sequence (expert choice only). Rows must be whole,
-unpadded sequences.
+unpadded sequences. A request's depth overrides (SamplingParams.max_depth, router_threshold)
+apply as in the engine: no token takes a recursion deeper than `max_depth` (token choice: the
+argmax runs over depths 1..max_depth), and expert choice compares with `router_threshold`.
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
 
 
 def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "threshold",
-                      capacities: list[float] | None = None) -> ReferenceOutput:
+                      capacities: list[float] | None = None, max_depth: int | None = None,
+                      router_threshold: float | None = None) -> ReferenceOutput:
     """Logits and per-token depth for input_ids [T] or [B, T]. `capacities` overrides the
-    config's for top-k routing (training uses a capacity warm-up schedule)."""
+    config's for top-k routing (training uses a capacity warm-up schedule); `max_depth` and
+    `router_threshold` are a request's depth overrides (see the module docstring)."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     cfg = model.config
     mor = cfg.mor
+    max_depth = mor.num_recursions if max_depth is None else max_depth
     squeeze = input_ids.dim() == 1
     ids = input_ids[None] if squeeze else input_ids
     b, t = ids.shape
@@ -71,16 +76,16 @@ def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "
     if mor.router == "token":
         tok_logits = model.token_router_logits(h)
         out.router_logits.append(tok_logits)
-        depth_choice, weight_choice = token_choice(tok_logits, mor)
+        depth_choice, weight_choice = token_choice(tok_logits, mor, max_depth=max_depth)
     shared_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    for r in range(1, mor.num_recursions + 1):
+    for r in range(1, max_depth + 1):
         gate = None
         if mor.router == "expert":
             raw = model.expert_router_logit(r, h)
             out.router_logits.append(raw)
             if r > 1:
-                rule = expert_takes(raw, mor, r) if routing == "threshold" else \
+                rule = expert_takes(raw, mor, r, threshold=router_threshold) if routing == "threshold" else \
                     expert_topk_select(raw, taking, (capacities or mor.capacities)[r - 1])
                 taking = taking & rule
             gate = expert_gate(raw, mor).to(h.dtype)

@@ -51,11 +51,14 @@ def expert_gate(raw: torch.Tensor, cfg: MoRConfig) -> torch.Tensor:
 
 
 def expert_takes(raw: torch.Tensor, cfg: MoRConfig, recursion: int | torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None,
+                 threshold: float | torch.Tensor | None = None) -> torch.Tensor:
     """Inference rule: the token takes `recursion` (1-based) iff act(raw + router_bias[r-1]) >=
     threshold (bool tensor). The optional bias calibrates the decision only, never the gate.
     `recursion` may be a per-token tensor; then `bias` must hold cfg.router_bias as a float32
-    tensor on raw's device (made once by the caller, so CUDA-graph capture copies nothing)."""
+    tensor on raw's device (made once by the caller, so CUDA-graph capture copies nothing).
+    `threshold` (a float, or a float32 tensor per token) overrides cfg.routing_threshold: a
+    request's `router_threshold`."""
     if cfg.router_bias is not None:
         if isinstance(recursion, torch.Tensor):
             if bias is None:
@@ -63,7 +66,7 @@ def expert_takes(raw: torch.Tensor, cfg: MoRConfig, recursion: int | torch.Tenso
             raw = raw.float() + bias[recursion - 1]
         else:
             raw = raw.float() + cfg.router_bias[recursion - 1]
-    return router_activation(raw, cfg.router_func) >= cfg.routing_threshold
+    return router_activation(raw, cfg.router_func) >= (cfg.routing_threshold if threshold is None else threshold)
 
 
 def expert_topk_select(raw: torch.Tensor, eligible: torch.Tensor, capacity: float) -> torch.Tensor:
@@ -78,16 +81,22 @@ def expert_topk_select(raw: torch.Tensor, eligible: torch.Tensor, capacity: floa
     return chosen & eligible
 
 
-def token_choice(logits: torch.Tensor, cfg: MoRConfig,
-                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_choice(logits: torch.Tensor, cfg: MoRConfig, bias: torch.Tensor | None = None,
+                 max_depth: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [..., Nr] -> (depth [...] in 1..Nr, gate weight [...] of the final recursion).
     `bias`: cfg.router_bias as a float32 tensor on the logits' device, when the caller has one
-    (CUDA-graph capture must not copy from the host)."""
+    (CUDA-graph capture must not copy from the host). `max_depth` (an int, or a per-token tensor
+    shaped like the result) caps the depth: the argmax runs over depths 1..max_depth only, and the
+    gate is the chosen depth's probability (the softmax itself is not renormalised)."""
     probs = F.softmax(logits.float(), dim=-1)
     scores = probs
     if cfg.router_bias is not None:
         scores = probs + (bias if bias is not None else
                           torch.tensor(cfg.router_bias, dtype=probs.dtype, device=probs.device))
+    if max_depth is not None:
+        depths = torch.arange(1, logits.shape[-1] + 1, device=logits.device)
+        cap = max_depth.unsqueeze(-1) if isinstance(max_depth, torch.Tensor) else max_depth
+        scores = scores.masked_fill(depths > cap, float("-inf"))
     choice = scores.argmax(dim=-1)
     weight = cfg.alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return choice + 1, weight
