@@ -21,7 +21,8 @@ class EngineArgs:
     first use for padded sizes; `enforce_eager` turns that off (vLLM spelling).
     `num_scheduler_steps` > 1 lets greedy decoding run that many ticks per step() with the batch
     state on the device (see decode_loop.py): much less host work per token, tokens arrive in
-    bursts of that many."""
+    bursts of that many. `enable_prefix_caching` shares the KV blocks of common prompt prefixes
+    between requests (vLLM's flag; see prefix_cache.py)."""
 
     model: Any = "morserve-mini-mor3"
     tokenizer: Any = None
@@ -39,6 +40,7 @@ class EngineArgs:
     enforce_eager: bool = False
     cuda_graph_max_tokens: int = 512
     num_scheduler_steps: int = 1
+    enable_prefix_caching: bool = False
 
     def validate(self) -> None:
         if self.batching not in BATCHING_MODES:

@@ -62,6 +62,12 @@ class TickStats:
     num_preemptions: int = 0
     num_generated_tokens: int = 0
     num_block_steps: int = 0
+    prefix_cache_queries: int = 0        # cumulative prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0           # cumulative of those found cached (vLLM's names)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 @dataclass
@@ -90,7 +96,7 @@ class LLMEngine:
         page_bytes = 2 * args.block_size * cfg.num_key_value_heads * cfg.head_dim * param.element_size()
         self._worst_pages = lambda n: sum(-(-n // args.block_size) * layers for layers in stages)
         num_pages = args.num_pages(page_bytes, self._worst_pages(self.max_model_len), param.device)
-        self.blocks = BlockManager(num_pages, args.block_size, stages)
+        self.blocks = BlockManager(num_pages, args.block_size, stages, args.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.blocks, args.max_num_batched_tokens)
         max_graph = min(args.cuda_graph_max_tokens, args.max_num_batched_tokens)
         cuda_graphs = self.runner.device.type == "cuda" and not args.enforce_eager
@@ -391,6 +397,8 @@ class LLMEngine:
             seq, req = chunk.seq, chunk.seq.request
             seq.chunk = None
             seq.num_computed = chunk.end
+            if chunk.start < seq.prompt_len and self.blocks.prefix is not None:
+                self._cache_prompt(chunk)
             samples = chunk.end == len(seq.token_ids)
             for i, row in enumerate(want[: len(want) - samples]):
                 prompt_rows.append(offset + i)
@@ -413,6 +421,17 @@ class LLMEngine:
                 touched.add(seq.request)
             stats.num_generated_tokens = len(sample_rows)
         return touched
+
+    def _cache_prompt(self, chunk: Chunk) -> None:
+        """Record the depths of a finished chunk's prompt positions and cache the full prompt
+        blocks they complete (prefix_cache.py)."""
+        seq, req = chunk.seq, chunk.seq.request
+        end = min(chunk.end, req.prompt_len)
+        del seq.prompt_depths[chunk.start:]
+        seq.prompt_depths += chunk.taken[: end - chunk.start]
+        if len(seq.prompt_depths) == end:
+            self.blocks.cache_prompt(seq.seq_id, req.prompt_token_ids, seq.caps.span(0, end), seq.prompt_depths,
+                                     req.router_threshold)
 
     @staticmethod
     def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -550,6 +569,8 @@ class LLMEngine:
         stats.num_running = self.num_running
         stats.num_waiting = self.num_waiting
         stats.num_preemptions = self.scheduler.num_preemptions
+        if self.blocks.prefix is not None:
+            stats.prefix_cache_queries, stats.prefix_cache_hits = self.blocks.prefix.queries, self.blocks.prefix.hits
         for d, occ in enumerate(stats.depth_occupancy):
             self.total_depth_token_ticks[d] += occ
         self.last_tick = stats

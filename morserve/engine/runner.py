@@ -49,6 +49,7 @@ class ModelRunner:
         cfg = self.cfg
         self.kv = PagedKVCache(blocks.num_pages, blocks.block_size, cfg.num_key_value_heads, cfg.head_dim,
                                self.dtype, self.device)
+        blocks.copy_pages = self.kv.copy_pages
         self.pool_size = pool_size
         self.hidden = torch.zeros(pool_size + 1, cfg.hidden_size, dtype=self.dtype, device=self.device)
         entry = gate = None
