@@ -48,7 +48,7 @@ def error_response(status: int, message: str, param: str | None = None,
 
 
 def bad_request(exc: ValueError) -> APIError:
-    return APIError(400, str(exc))
+    return APIError(400, str(exc), param=getattr(exc, "param", None))
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -39,6 +39,11 @@ class ServerMetrics:
         self.success = Counter("morserve:request_success", "Finished sequences by finish reason.",
                                ["model_name", "finished_reason"], registry=reg)
         self.preemptions = Counter("morserve:num_preemptions", "Sequences preempted.", name, registry=reg)
+        self.prefix_queries = Counter("morserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      name, registry=reg)
+        self.prefix_hits = Counter("morserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   name, registry=reg)
+        self._prefix_seen = (0, 0)
         self.ttft = Histogram("morserve:time_to_first_token_seconds", "Time to first token.", name,
                               buckets=TTFT_BUCKETS, registry=reg)
         self.itl = Histogram("morserve:inter_token_latency_seconds", "Time between two tokens of a sequence.",
@@ -77,6 +82,10 @@ class ServerMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.labels(m).inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+        queries, hits = self._prefix_seen
+        self.prefix_queries.labels(m).inc(stats.prefix_cache_queries - queries)
+        self.prefix_hits.labels(m).inc(stats.prefix_cache_hits - hits)
+        self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
         self.generation_tokens.labels(m).inc(stats.num_generated_tokens)
         if stats.num_prologue_tokens:
             self.iteration_tokens.labels(m).observe(stats.num_prologue_tokens)

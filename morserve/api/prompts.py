@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from morserve.api.errors import APIError
+from morserve.api.errors import APIError, bad_request
 from morserve.engine import AsyncLLMEngine, SamplingParams
+from morserve.engine.depth import check_depth_params
 
 
 @dataclass
@@ -28,8 +29,13 @@ def check_prompt(engine: AsyncLLMEngine, ids: list[int]) -> list[int]:
 
 def check_fits(engine: AsyncLLMEngine, prompts: list[EnginePrompt], params: SamplingParams) -> None:
     """400 naming the numbers when a prompt (plus max_tokens) does not fit the context, a stop token
-    id is outside the vocabulary, or min_tokens would ban every token (EOS + stop ids)."""
+    id is outside the vocabulary, min_tokens would ban every token (EOS + stop ids), or a depth
+    override is out of the model's range."""
     limit, vocab = engine.max_model_len, engine.model_config.vocab_size
+    try:
+        check_depth_params(params, engine.model_config.mor)
+    except ValueError as exc:
+        raise bad_request(exc) from None
     bad_stops = [t for t in params.stop_token_ids if t >= vocab]
     if bad_stops:
         raise APIError(400, f"stop_token_ids must be in [0, {vocab}), got {bad_stops[:5]}", param="stop_token_ids")

@@ -1,7 +1,8 @@
 """OpenAI / vLLM request and response schemas (pydantic), field for field where we support the
 feature. Requests ignore unknown fields, as vLLM does; value ranges are checked by
-`SamplingParams` (its ValueError becomes a 400). `return_depths` is morserve's extension: the
-recursion depth of every generated token."""
+`SamplingParams` (its ValueError becomes a 400). morserve's extensions: `return_depths` (the
+recursion depth of every generated token), `max_depth`, `router_threshold` and
+`allow_depth_reduction` (per-request depth, see engine/depth.py)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,9 @@ class SamplingRequest(RequestModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     return_depths: bool = False
+    max_depth: StrictInt | None = None
+    router_threshold: float | None = None
+    allow_depth_reduction: bool = False
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -104,7 +108,8 @@ class SamplingRequest(RequestModel):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=repetition_penalty,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, max_depth=self.max_depth,
+            router_threshold=self.router_threshold, allow_depth_reduction=self.allow_depth_reduction)
 
 
 class CompletionRequest(SamplingRequest):

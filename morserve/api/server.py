@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-scheduler-steps", type=int, default=EngineArgs.num_scheduler_steps,
                    help="engine ticks per step for greedy decoding, run on the device (> 1: higher "
                         "throughput, tokens streamed in bursts of this many)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=EngineArgs.enable_prefix_caching,
+                   help="share the KV blocks of common prompt prefixes between requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("MORSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $MORSERVE_API_KEY)")
@@ -103,7 +106,8 @@ def engine_args(ns: argparse.Namespace) -> EngineArgs:
                       kv_cache_memory=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
                       block_size=ns.block_size, device=ns.device, dtype=ns.dtype, seed=ns.seed,
                       max_model_len=ns.max_model_len, enforce_eager=ns.enforce_eager,
-                      cuda_graph_max_tokens=ns.cuda_graph_max_tokens, num_scheduler_steps=ns.num_scheduler_steps)
+                      cuda_graph_max_tokens=ns.cuda_graph_max_tokens, num_scheduler_steps=ns.num_scheduler_steps,
+                      enable_prefix_caching=ns.enable_prefix_caching)
     args.validate()
     return args
 

@@ -17,15 +17,7 @@ from __future__ import annotations
 import bisect
 
 from morserve.config import MoRConfig
-from morserve.engine.sampling_params import SamplingParams
-
-
-class DepthParamError(ValueError):
-    """A depth override the model cannot take; `param` names the request field."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
+from morserve.engine.sampling_params import ParamError, SamplingParams
 
 
 def threshold_range(mor: MoRConfig) -> tuple[float, float]:
@@ -34,19 +26,19 @@ def threshold_range(mor: MoRConfig) -> tuple[float, float]:
 
 
 def check_depth_params(params: SamplingParams, mor: MoRConfig) -> None:
-    """Raise DepthParamError (a ValueError naming the field) for overrides this model cannot take."""
+    """Raise ParamError (a ValueError naming the field) for overrides this model cannot take."""
     nr = mor.num_recursions
     if params.max_depth is not None and not 1 <= params.max_depth <= nr:
-        raise DepthParamError("max_depth", f"max_depth must be in [1, {nr}] (the model's num_recursions), "
+        raise ParamError("max_depth", f"max_depth must be in [1, {nr}] (the model's num_recursions), "
                                            f"got {params.max_depth}")
     if params.router_threshold is not None:
         if mor.router != "expert":
             kind = "token-choice routing" if mor.router == "token" else "no router"
-            raise DepthParamError("router_threshold", f"router_threshold applies to expert-choice routing only; "
+            raise ParamError("router_threshold", f"router_threshold applies to expert-choice routing only; "
                                                       f"this model has {kind}")
         lo, hi = threshold_range(mor)
         if not lo <= params.router_threshold <= hi:
-            raise DepthParamError("router_threshold", f"router_threshold must be in [{lo}, {hi}] for a "
+            raise ParamError("router_threshold", f"router_threshold must be in [{lo}, {hi}] for a "
                                                       f"{mor.router_func} router, got {params.router_threshold}")
 
 

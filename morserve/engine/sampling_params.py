@@ -6,6 +6,14 @@ import math
 from dataclasses import dataclass, field
 
 
+class ParamError(ValueError):
+    """A bad request parameter; `param` names the field (the API's 400 reports it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     """temperature 0 means greedy; top_k <= 0 and top_p = 1 and min_p = 0 mean no truncation.
@@ -58,7 +66,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+            raise ParamError(name, f"{name} {why}, got {getattr(self, name)!r}")
 
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
