@@ -46,7 +46,8 @@ def test_causality_a_prefix_fixes_its_entries_whatever_follows(router, kv_mode):
     """The argument prefix caching rests on: routing decides each token's depth from its own causal
     state, so the tokens of a prefix take the same depths and write the same K/V entries at every
     stage whatever follows the prefix (here: two random continuations, computed in different chunk
-    sizes, and the reference forward over the prefix alone)."""
+    sizes, and the reference forward over the prefix alone). Depths must be equal; K/V equal up to
+    the float32 rounding of different batch shapes (values ~10, differences ~1e-5)."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     model = tiny_model(router, kv_mode, 3, seed=seed)
@@ -66,7 +67,7 @@ def test_causality_a_prefix_fixes_its_entries_whatever_follows(router, kv_mode):
     assert depths_a == depths_b == ref.depths.tolist(), f"seed {seed}"
     for stage, (a, b) in enumerate(zip(kv_a, kv_b)):
         for layer, (x, y) in enumerate(zip(a, b)):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"seed {seed}: stage {stage} layer {layer}")
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=f"seed {seed}: stage {stage} layer {layer}")
 
 
 def shared_prefix_workload(rng: random.Random, n: int, vocab: int = 97) -> dict[int, list]:
@@ -190,3 +191,23 @@ def test_lru_evicts_unreferenced_blocks_oldest_first():
     assert engine.last_tick.prefix_cache_hits == hits                      # the oldest was evicted
     engine.blocks.audit()
     assert engine.check_no_leak()
+
+
+@pytest.mark.parametrize("router", ["expert", "token"])
+def test_a_hit_covers_the_common_prefix_at_every_depth(router):
+    """Compact stages end inside blocks at a prefix boundary; tails make the hit reach the last
+    stage-0 boundary inside the common prefix anyway, and the outputs stay exact."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    model = tiny_model(router, "recursion", 3, seed=seed)
+    prefix = [rng.randrange(97) for _ in range(rng.randint(30, 60))]
+    engine = make_engine(model, True)
+    prompts = [prefix + [rng.randrange(97) for _ in range(rng.randint(1, 9))] for _ in range(3)]
+    for i, prompt in enumerate(prompts):
+        before = engine.last_tick.prefix_cache_hits
+        out = run_to_completion(engine, {0: [(f"r{i}", prompt, SamplingParams(max_tokens=4, **GREEDY))]})[f"r{i}"]
+        if i:
+            assert engine.last_tick.prefix_cache_hits - before == len(prefix) // 4 * 4, f"seed {seed}"
+        check_against_reference(model, prompt, out.outputs[0].token_ids, out.outputs[0].depths)
+        engine.blocks.audit()
+    assert engine.blocks.prefix.tails, "no compact stage ended inside a block"

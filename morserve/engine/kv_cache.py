@@ -265,15 +265,17 @@ class BlockManager:
                 claim(page, f"held by {who}")
         for block in cached.values():
             if block.ref == 0:
-                assert block.key in self.prefix.lru, f"unreferenced cached block {block.pages} not in the LRU"
+                assert block.pages[0] in self.prefix.lru, f"unreferenced cached block {block.pages} not in the LRU"
                 for page in block.pages:
                     claim(page, "cached (unreferenced)")
             else:
                 assert block.pages in holders, f"cached block {block.pages} has ref {block.ref} but no holder"
-                assert block.key not in self.prefix.lru, f"referenced block {block.pages} is in the LRU"
+                assert block.pages[0] not in self.prefix.lru, f"referenced block {block.pages} is in the LRU"
         if self.prefix is not None:
             assert len(self.prefix.lru) == sum(b.ref == 0 for b in cached.values()), "LRU holds stale blocks"
-            assert len(self.prefix.blocks) == len(cached), "key and page indexes disagree"
+            keyed = list(self.prefix.blocks.items()) + [(k, b) for k, (b, _) in self.prefix.tails.items()]
+            assert all(cached.get(b.pages[0]) is b and key in b.keys for key, b in keyed), "a key's block is not cached"
+            assert sum(len(b.keys) for b in cached.values()) == len(keyed), "a cached block has a stale key"
         for page in self.free_pages:
             claim(page, "free")
         assert sorted(owner) == list(range(self.num_pages)), \
