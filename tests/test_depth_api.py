@@ -81,3 +81,13 @@ def test_prefix_cache_counters_in_metrics(http, srv):
     wait_idle(srv)
     assert counter("morserve:prefix_cache_queries_total") - before[1] >= 2 * len(prompt)
     assert counter("morserve:prefix_cache_hits_total") - before[0] >= len(prompt) - 8
+
+
+def test_server_flags_reach_the_engine_args():
+    from morserve.api.server import build_parser, engine_args
+    ns = build_parser().parse_args(["--model", "m", "--enable-prefix-caching", "--depth-policy", "adaptive",
+                                    "--depth-policy-metric", "kv_usage", "--depth-policy-target", "0.7"])
+    args = engine_args(ns)
+    assert args.enable_prefix_caching and args.depth_policy == "adaptive"
+    assert args.depth_policy_metric == "kv_usage" and args.depth_policy_target == 0.7
+    assert not engine_args(build_parser().parse_args(["--model", "m"])).enable_prefix_caching

@@ -44,6 +44,8 @@ class ServerMetrics:
         self.prefix_hits = Counter("morserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                    name, registry=reg)
         self._prefix_seen = (0, 0)
+        self.depth_cap = Gauge("morserve:depth_policy_cap", "Depth cap of requests that allow depth reduction.",
+                               name, registry=reg)
         self.ttft = Histogram("morserve:time_to_first_token_seconds", "Time to first token.", name,
                               buckets=TTFT_BUCKETS, registry=reg)
         self.itl = Histogram("morserve:inter_token_latency_seconds", "Time between two tokens of a sequence.",
@@ -82,6 +84,7 @@ class ServerMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.labels(m).inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+        self.depth_cap.labels(m).set(stats.depth_cap)
         queries, hits = self._prefix_seen
         self.prefix_queries.labels(m).inc(stats.prefix_cache_queries - queries)
         self.prefix_hits.labels(m).inc(stats.prefix_cache_hits - hits)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +33,7 @@ import torch
 from morserve.config import ModelConfig
 from morserve.engine.args import EngineArgs
 from morserve.engine.cuda_graphs import graph_sizes
+from morserve.engine.depth_policy import DepthPolicy
 from morserve.engine.depth import check_depth_params, request_max_depth, request_threshold
 from morserve.engine.decode_loop import DecodeLoop, LoopHandle, LoopOutput
 from morserve.engine.kv_cache import BlockManager
@@ -64,6 +66,7 @@ class TickStats:
     num_block_steps: int = 0
     prefix_cache_queries: int = 0        # cumulative prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0           # cumulative of those found cached (vLLM's names)
+    depth_cap: int = 0                   # the depth policy's cap for requests that allow reduction
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -109,6 +112,8 @@ class LLMEngine:
                                           args.num_scheduler_steps, args.batching == "vanilla", cuda_graphs)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.runner.release_slots)
+        self.depth_policy = DepthPolicy(args.depth_policy, args.depth_policy_metric, args.depth_policy_target,
+                                        mor.num_recursions)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(args.seed)
@@ -161,6 +166,8 @@ class LLMEngine:
             req.prompt_logprobs = [None]
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), req, i, list(ids), self._seed(params, i))
+            if params.allow_depth_reduction:
+                seq.caps.set_from(0, min(req.max_depth, self.depth_policy.cap))
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -242,6 +249,7 @@ class LLMEngine:
             if steps > 1 and self.blocks.reserve_ahead([s.seq_id for s in self.scheduler.running],
                                                        self.decode_loop.entries_bound(steps)):
                 return self._loop_start(steps)
+        self._apply_depth_policy()
         stats = self._stats()
         sched, runner = self.scheduler, self.runner
         reserved = sum(runner.block_pages_needed(self._in_block()).values())
@@ -265,6 +273,16 @@ class LLMEngine:
         touched = self._finish_chunks(done, stats) if done else set()
         self._record(stats)
         return self._outputs(touched)
+
+    def _apply_depth_policy(self) -> None:
+        """Feed the depth policy this tick's load; when its cap moves, the positions not yet in the
+        model of every sequence that allows depth reduction take min(its own max_depth, cap)."""
+        sched = self.scheduler
+        queue_time = time.monotonic() - sched.waiting[0].request.arrival_time if sched.waiting else 0.0
+        if self.depth_policy.update(queue_time, self.blocks.usage()):
+            for seq in itertools.chain(sched.running, sched.waiting):
+                if seq.request.params.allow_depth_reduction:
+                    seq.caps.set_from(seq.embedded, min(seq.request.max_depth, self.depth_policy.cap))
 
     # ---- multi-step greedy decoding on the device -----------------------------------------------
     def _loop_steps(self) -> int:
@@ -370,6 +388,7 @@ class LLMEngine:
         pos, depth = int(out.position[row]), int(out.depth[row])
         slots = seq.chunk.slots
         seq.num_computed = pos
+        seq.embedded = max(seq.embedded, pos + (depth != 0))
         if depth == 0:                       # next token sampled, not in the model yet
             self.runner.release_slots(slots)
             seq.chunk = None
@@ -569,6 +588,7 @@ class LLMEngine:
         stats.num_running = self.num_running
         stats.num_waiting = self.num_waiting
         stats.num_preemptions = self.scheduler.num_preemptions
+        stats.depth_cap = self.depth_policy.cap
         if self.blocks.prefix is not None:
             stats.prefix_cache_queries, stats.prefix_cache_hits = self.blocks.prefix.queries, self.blocks.prefix.hits
         for d, occ in enumerate(stats.depth_occupancy):

@@ -125,6 +125,7 @@ class ModelRunner:
         ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long).to(self.device)
         h = self._stage0_layers(model.prologue, 0, model.embed_tokens(ids), chunks)
         for chunk in chunks:
+            chunk.seq.embedded = max(chunk.seq.embedded, chunk.end)
             chunk.slots = self.alloc_slots(chunk.n)
             chunk.depth = 1
             chunk.active = [True] * chunk.n

@@ -38,6 +38,7 @@ class Sequence:
     chunk: "Chunk | None" = None
     caps: DepthCaps | None = None                # depth cap of every position (see depth.py)
     prompt_depths: list[int] = field(default_factory=list)   # recursions taken, per computed prompt position
+    embedded: int = 0                            # positions that ever entered the model (caps fixed below it)
 
     def __post_init__(self) -> None:
         if self.caps is None:

@@ -9,6 +9,8 @@ training code's non-causal top-k over the sequence (expert choice only). Rows mu
 unpadded sequences. A request's depth overrides (SamplingParams.max_depth, router_threshold)
 apply as in the engine: no token takes a recursion deeper than `max_depth` (token choice: the
 argmax runs over depths 1..max_depth), and expert choice compares with `router_threshold`.
+`max_depth` may also be a per-position tensor ([T] or [B, T]): the caps a load-adaptive depth
+policy gave each token.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
 
 
 def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "threshold",
-                      capacities: list[float] | None = None, max_depth: int | None = None,
+                      capacities: list[float] | None = None, max_depth: int | torch.Tensor | None = None,
                       router_threshold: float | None = None) -> ReferenceOutput:
     """Logits and per-token depth for input_ids [T] or [B, T]. `capacities` overrides the
     config's for top-k routing (training uses a capacity warm-up schedule); `max_depth` and
@@ -53,11 +55,12 @@ def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     cfg = model.config
     mor = cfg.mor
-    max_depth = mor.num_recursions if max_depth is None else max_depth
     squeeze = input_ids.dim() == 1
     ids = input_ids[None] if squeeze else input_ids
     b, t = ids.shape
     dev = ids.device
+    cap = torch.as_tensor(mor.num_recursions if max_depth is None else max_depth, device=dev)
+    cap = (cap[None] if cap.dim() == 1 else cap).expand(b, t)
     h = model.embed_tokens(ids)
     positions = torch.arange(t, device=dev)
     cos, sin = model.rope(positions, h.dtype)
@@ -76,10 +79,10 @@ def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "
     if mor.router == "token":
         tok_logits = model.token_router_logits(h)
         out.router_logits.append(tok_logits)
-        depth_choice, weight_choice = token_choice(tok_logits, mor, max_depth=max_depth)
+        depth_choice, weight_choice = token_choice(tok_logits, mor, max_depth=cap)
     shared_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    for r in range(1, max_depth + 1):
+    for r in range(1, int(cap.max()) + 1):
         gate = None
         if mor.router == "expert":
             raw = model.expert_router_logit(r, h)
@@ -91,6 +94,7 @@ def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "
             gate = expert_gate(raw, mor).to(h.dtype)
         elif mor.router == "token":
             taking = depth_choice >= r
+        taking = taking & (cap >= r)
         out.selected.append(taking)
         if not taking.any():
             break
