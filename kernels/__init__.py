@@ -1,11 +1,14 @@
-"""Kernels of the engine's hot path: row gather/scatter, paged KV store (optionally fused with RoPE),
-paged recursion-wise attention.
+"""Kernels of the engine's hot path: row gather/scatter, RMSNorm (alone, after a residual add, after
+a gather), SwiGLU's silu * up, paged KV store (optionally fused with RoPE), paged recursion-wise
+attention, and the LM head's greedy tail (argmax, its log-probability, finiteness).
 
 Three ways to call each op, all with one signature:
 - `kernels.reference.<op>`: pure PyTorch, any device (the oracle of the tests);
 - `kernels.triton_ops.<op>`: the Triton kernel, always (CUDA tensors, or TRITON_INTERPRET=1 on CPU);
-- `kernels.<op>`: dispatch on the first tensor's device: Triton on CUDA, the reference elsewhere.
-  kernels.triton_ops (and so triton) is imported only when a CUDA tensor first comes through.
+- `kernels.<op>`: dispatch on the first tensor's device: Triton on CUDA, the reference elsewhere
+  and whenever autograd records the call (the Triton kernels have no backward, and training runs
+  the model's layers). kernels.triton_ops (and so triton) is imported only when a CUDA tensor
+  first comes through.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ _Op = TypeVar("_Op", bound=Callable)
 
 
 def _dispatching(ref_op: _Op) -> _Op:
-    """ref_op's op, run by kernels.triton_ops when its first tensor argument is on CUDA."""
+    """ref_op's op, run by kernels.triton_ops when its first tensor argument is on CUDA and autograd
+    does not record the call."""
     name = ref_op.__name__
 
     @functools.wraps(ref_op)
     def op(*args, **kwargs):
-        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-        if first.is_cuda:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return getattr(importlib.import_module("kernels.triton_ops"), name)(*args, **kwargs)
         return ref_op(*args, **kwargs)
 
@@ -38,8 +42,13 @@ def _dispatching(ref_op: _Op) -> _Op:
 gather_rows = _dispatching(reference.gather_rows)
 scatter_rows = _dispatching(reference.scatter_rows)
 gather_rows_rmsnorm = _dispatching(reference.gather_rows_rmsnorm)
+rms_norm = _dispatching(reference.rms_norm)
+add_rmsnorm = _dispatching(reference.add_rmsnorm)
+silu_mul = _dispatching(reference.silu_mul)
+lm_head_tail = _dispatching(reference.lm_head_tail)
 store_kv = _dispatching(reference.store_kv)
 store_kv_rope = _dispatching(reference.store_kv_rope)
 paged_attention = _dispatching(reference.paged_attention)
 
-__all__ = ["gather_rows", "gather_rows_rmsnorm", "paged_attention", "scatter_rows", "store_kv", "store_kv_rope"]
+__all__ = ["add_rmsnorm", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail", "paged_attention", "rms_norm",
+           "scatter_rows", "silu_mul", "store_kv", "store_kv_rope"]

@@ -23,13 +23,45 @@ def scatter_rows(pool: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) ->
     pool.index_copy_(0, index.long(), rows.to(pool.dtype))
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rmsnorm(x) over the last dimension: the mean of squares in float32, the normalised
+    row rounded to x's dtype before the weight multiplies it (Llama's order); the result has the
+    promoted dtype of weight and x."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add fused with the RMSNorm that follows: new_residual = residual + x (x's shape
+    and dtype), returns (rms_norm(new_residual, weight, eps), new_residual)."""
+    new_residual = residual + x
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
 def gather_rows_rmsnorm(pool: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather fused with the RMSNorm that follows: returns (rows, rmsnorm(rows) * weight)."""
     rows = gather_rows(pool, index)
-    xf = rows.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(rows.dtype)
-    return rows, weight * normed
+    return rows, rms_norm(rows, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: gate_up [..., 2F] (gate columns first) -> silu(gate) * up [..., F]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def lm_head_tail(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The greedy tail of a decode tick over logits [B, V] (any float dtype), with the sampler's
+    overflow taming (NaN -> -inf, +inf -> the largest float32): returns (argmax int64 [B], the
+    first index of the row's maximum; log-probability float32 [B] of that token under the row's
+    log-softmax; finite bool [B], whether the row has any finite logit, i.e. a usable token)."""
+    x = logits.float().nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                                  neginf=float("-inf"))
+    token = x.argmax(dim=-1)
+    logprob = torch.log_softmax(x, dim=-1).gather(1, token[:, None]).squeeze(1)
+    return token, logprob, torch.isfinite(x).any(dim=-1)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels._launch import check_index, check_tensors
+from kernels.norms import weighted_rms, norm_warps
 
 _MAX_COPY_BLOCK = 2048  # elements per program of the copy kernel (16 B per thread and access at bf16)
 
@@ -41,11 +42,8 @@ def _gather_rmsnorm_kernel(pool, index, weight, rows_out, normed_out, d, eps,
     i = tl.load(index + t).to(tl.int64)
     x = tl.load(pool + i * stride_pool_row + cols * stride_pool_col, mask=mask, other=0.0)
     tl.store(rows_out + t * d + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    inv_rms = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / d + eps)
-    normed = (xf * inv_rms).to(x.dtype).to(tl.float32)  # the reference rounds to the row dtype first
-    w = tl.load(weight + cols * stride_weight, mask=mask, other=0.0).to(tl.float32)
-    tl.store(normed_out + t * d + cols, (w * normed).to(normed_out.dtype.element_ty), mask=mask)
+    normed = weighted_rms(x, weight, cols, mask, d, eps, stride_weight)
+    tl.store(normed_out + t * d + cols, normed.to(normed_out.dtype.element_ty), mask=mask)
 
 
 def _copy_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, indexed_src: bool) -> None:
@@ -89,5 +87,5 @@ def gather_rows_rmsnorm(pool: torch.Tensor, index: torch.Tensor, weight: torch.T
         block_d = triton.next_power_of_2(d)
         _gather_rmsnorm_kernel[(t,)](pool, index, weight, rows, normed, d, eps,
                                      pool.stride(0), pool.stride(1), weight.stride(0),
-                                     BLOCK_D=block_d, num_warps=min(max(block_d // 256, 1), 16))
+                                     BLOCK_D=block_d, num_warps=norm_warps(block_d))
     return rows, normed

@@ -6,9 +6,12 @@ is decorated). `INTERPRETED` tells which mode this process got.
 """
 
 from kernels._launch import INTERPRETED
+from kernels.activation import silu_mul
 from kernels.attention import paged_attention
 from kernels.kv_store import store_kv, store_kv_rope
+from kernels.lm_tail import lm_head_tail
+from kernels.norms import add_rmsnorm, rms_norm
 from kernels.rows import gather_rows, gather_rows_rmsnorm, scatter_rows
 
-__all__ = ["INTERPRETED", "gather_rows", "gather_rows_rmsnorm", "paged_attention", "scatter_rows", "store_kv",
-           "store_kv_rope"]
+__all__ = ["INTERPRETED", "add_rmsnorm", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail", "paged_attention",
+           "rms_norm", "scatter_rows", "silu_mul", "store_kv", "store_kv_rope"]

@@ -178,10 +178,13 @@ def test_store_kv_rope(dtype: torch.dtype, page_size: int, h: int, hkv: int, d: 
 _GROUPS = [(37, 1), (0, 4), (150, 1), (20, 3), (64, 1), (90, 2)]
 
 
-def _paged_batch(dtype: torch.dtype, h: int, hkv: int, d: int, page_size: int) -> dict[str, torch.Tensor]:
+def _paged_batch(dtype: torch.dtype, h: int, hkv: int, d: int, page_size: int,
+                 shuffle: bool = True) -> dict[str, torch.Tensor]:
     """A mixed decode/prefill batch over shuffled, non-contiguous pages. Cache entries nobody may
     read (spare pages, page tails) are NaN, unused block-table entries -1, and the table has a row
-    no query uses, so the kernel must follow query_group rather than row order."""
+    no query uses, so the kernel must follow query_group rather than row order. `shuffle`
+    interleaves the rows of all groups; otherwise each chunk's rows are contiguous and in position
+    order (the engine's layout, whose rows share query tiles)."""
     lengths = [ctx + n for ctx, n in _GROUPS]
     needed = [-(-n // page_size) for n in lengths]
     num_pages = sum(needed) + 5
@@ -200,7 +203,7 @@ def _paged_batch(dtype: torch.dtype, h: int, hkv: int, d: int, page_size: int) -
         kv_lens += range(ctx + 1, ctx + n + 1)
     groups.append(int(table_rows[1]))  # a row that sees nothing: zeros, not NaN
     kv_lens.append(0)
-    order = torch.randperm(len(groups), device=DEVICE)  # interleave decode rows and chunk rows
+    order = torch.randperm(len(groups), device=DEVICE) if shuffle else torch.arange(len(groups), device=DEVICE)
     return dict(q=_strided(len(groups), h, d, dtype), k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                 query_group=torch.tensor(groups, device=DEVICE, dtype=torch.int32)[order],
                 kv_lens=torch.tensor(kv_lens, device=DEVICE, dtype=torch.int32)[order])
@@ -214,7 +217,10 @@ _ATTENTION_SHAPES = [(4, 2, 2, 16), (16, 8, 2, 32), (4, 6, 2, 64)]
 @pytest.mark.parametrize("dtype,shape", [pytest.param(dtype, shape, id=f"{str(dtype)[6:]}-{'-'.join(map(str, shape))}")
                                          for i, dtype in enumerate(DTYPES)
                                          for shape in (_ATTENTION_SHAPES * 2)[i:i + 2]])
-def test_paged_attention(dtype: torch.dtype, shape: tuple[int, int, int, int]) -> None:
+def test_paged_attention(dtype: torch.dtype, shape: tuple[int, int, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    import kernels.attention as attention
+
+    monkeypatch.setattr(attention, "MAX_SPLITS", 2)  # each split is one more interpreted program per tile
     page_size, h, hkv, d = shape
     batch = _paged_batch(dtype, h, hkv, d, page_size)
     out = tri.paged_attention(**batch, scale=d ** -0.5)
@@ -222,6 +228,25 @@ def test_paged_attention(dtype: torch.dtype, shape: tuple[int, int, int, int]) -
     assert out.shape == batch["q"].shape and out.dtype == dtype
     assert not expected.isnan().any()
     torch.testing.assert_close(out, expected, **TOL[dtype])
+    assert torch.all(out[batch["kv_lens"] == 0] == 0)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (16, 8, 2, 32)), (torch.float32, (4, 6, 2, 64)),
+                                         (torch.bfloat16, (4, 2, 2, 16))])
+def test_paged_attention_tiles_and_splits(dtype: torch.dtype, shape: tuple[int, int, int, int], splits: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunk rows in the engine's order (multi-row query tiles), with split-KV off and at its maximum."""
+    import kernels.attention as attention
+
+    page_size, h, hkv, d = shape
+    batch = _paged_batch(dtype, h, hkv, d, page_size, shuffle=False)
+    monkeypatch.setattr(attention, "TARGET_PROGRAMS", 1 if splits == 1 else 1 << 20)
+    monkeypatch.setattr(attention, "MAX_SPLITS", splits)
+    assert attention.attention_config(len(batch["q"]), h, hkv, d, page_size, dtype)["NUM_SPLITS"] == splits
+    out = tri.paged_attention(**batch, scale=d ** -0.5)
+    torch.testing.assert_close(out, ref.paged_attention(**batch, scale=d ** -0.5), **TOL[dtype])
     assert torch.all(out[batch["kv_lens"] == 0] == 0)
 
 

@@ -76,18 +76,18 @@ def test_config_from_metadata(smollm2):
 
 def test_dequantized_weights_and_rope_rows(smollm2, reader):
     tensors = {t.name: t for t in reader.tensors}
-    model = smollm2.model
-    checks = {"token_embd.weight": model.embed_tokens.weight, "blk.7.ffn_down.weight": model.block[6].mlp.down_proj.weight,
-              "blk.0.attn_v.weight": model.prologue[0].self_attn.v_proj.weight,
-              "blk.29.ffn_gate.weight": model.epilogue[0].mlp.gate_proj.weight}
+    state = smollm2.model.state_dict()        # q/k/v and gate/up are fused in the model, separate here
+    checks = {"token_embd.weight": state["embed_tokens.weight"], "blk.7.ffn_down.weight": state["block.6.mlp.down_proj.weight"],
+              "blk.0.attn_v.weight": state["prologue.0.self_attn.v_proj.weight"],
+              "blk.29.ffn_gate.weight": state["epilogue.0.mlp.gate_proj.weight"]}
     for name, ours in checks.items():
         t = tensors[name]
         expected = torch.from_numpy(decode_block_rows(np.asarray(t.data), t.tensor_type))
         torch.testing.assert_close(ours.detach(), expected, rtol=0, atol=1e-6, msg=name)
     assert {tensors[n].tensor_type for n in checks} == {GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0}
     # llama.cpp stores row 2i / 2i+1 of each head as our (half-rotation) rows i / D/2 + i
-    for name, ours, heads in (("blk.12.attn_q.weight", model.block[11].self_attn.q_proj.weight, 9),
-                              ("blk.12.attn_k.weight", model.block[11].self_attn.k_proj.weight, 3)):
+    for name, ours, heads in (("blk.12.attn_q.weight", state["block.11.self_attn.q_proj.weight"], 9),
+                              ("blk.12.attn_k.weight", state["block.11.self_attn.k_proj.weight"], 3)):
         stored = torch.from_numpy(decode_block_rows(np.asarray(tensors[name].data), tensors[name].tensor_type))
         d = 64
         for h in (0, heads - 1):

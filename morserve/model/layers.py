@@ -1,22 +1,53 @@
-"""Llama building blocks: RMSNorm, RoPE (half-rotation layout), GQA attention projections, SwiGLU.
+"""Llama building blocks: RMSNorm, RoPE (half-rotation layout), GQA attention with one fused q/k/v
+projection, SwiGLU with one fused gate/up projection, and the pre-norm decoder layer.
 
 Attention itself is a callback (`AttendFn`): a decoder layer computes projections and RoPE, and
 whoever runs the layer decides what the queries see (an explicit-mask dense reference, or the
-engine's paged KV cache). That keeps one implementation of the layer math for every path.
+engine's paged KV cache). That keeps one implementation of the layer math for every path. A
+callback whose attribute `fuses_rope` is true applies RoPE itself: it is called as
+attend(q, k, v, cos, sin) with un-roped q and k (the engine fuses RoPE into its K/V store).
+
+Fused projections hold one weight per layer (q|k|v rows, gate|up rows) so that each is one GEMM;
+checkpoints keep the separate q_proj/k_proj/v_proj/gate_proj/up_proj tensors (`split_in_checkpoints`
+splits on `state_dict()` and concatenates on `load_state_dict()`).
+
+The hot ops (RMSNorm, residual add + RMSNorm, silu * up) go through `kernels`: fused Triton kernels
+on CUDA, the same math in PyTorch elsewhere. A stack of layers (`run_layers`) hands the residual
+stream from layer to layer as (layer output, residual) so every norm after the first is fused with
+the residual add before it; the sums are the ones a plain `x + f(x)` layer computes.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from morserve.config import ModelConfig
 
 # (q [..., T, H, D], k [..., T, Hkv, D], v [..., T, Hkv, D]) -> attention output [..., T, H, D]
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttendFn = Callable[..., torch.Tensor]
+
+
+def split_in_checkpoints(module: nn.Module, fused: str, parts: dict[str, int]) -> None:
+    """Store `module.<fused>.weight` (its rows the concatenation of `parts`, name -> rows, in order)
+    in state dicts as the separate `<name>.weight` tensors, and concatenate those back on load."""
+    key, sizes = fused + ".weight", list(parts.values())
+
+    def split(_module, state, prefix, _metadata) -> None:
+        weight = state.pop(prefix + key)
+        for name, piece in zip(parts, weight.split(sizes)):
+            state[prefix + name + ".weight"] = piece.clone()   # unshared storage (safetensors)
+
+    def join(_module, state, prefix, *_args) -> None:
+        names = [prefix + name + ".weight" for name in parts]
+        if all(name in state for name in names):
+            state[prefix + key] = torch.cat([state.pop(name) for name in names])
+
+    module.register_state_dict_post_hook(split)
+    module.register_load_state_dict_pre_hook(join)
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +57,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(residual + x), residual + x) in one pass."""
+        return kernels.add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
@@ -53,31 +86,33 @@ class Attention(nn.Module):
         super().__init__()
         d, h, hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
-        self.q_proj = nn.Linear(d, h * hd, bias=False)
-        self.k_proj = nn.Linear(d, hkv * hd, bias=False)
-        self.v_proj = nn.Linear(d, hkv * hd, bias=False)
+        self.qkv_proj = nn.Linear(d, (h + 2 * hkv) * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
+        split_in_checkpoints(self, "qkv_proj", {"q_proj": h * hd, "k_proj": hkv * hd, "v_proj": hkv * hd})
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: AttendFn) -> torch.Tensor:
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v)
-        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        q, k, v = q.unflatten(-1, (h, hd)), k.unflatten(-1, (hkv, hd)), v.unflatten(-1, (hkv, hd))
+        if getattr(attend, "fuses_rope", False):
+            out = attend(q, k, v, cos, sin)
+        else:
+            out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return self.o_proj(out.reshape(*lead, h * hd))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        f = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * f, bias=False)
+        self.down_proj = nn.Linear(f, cfg.hidden_size, bias=False)
+        split_in_checkpoints(self, "gate_up_proj", {"gate_proj": f, "up_proj": f})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -91,7 +126,29 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
+    def step(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+             attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the residual stream residual + x (x alone when residual is None); returns
+        (mlp output, residual), whose sum is the stream after the layer."""
+        if residual is None:
+            normed, residual = self.input_layernorm(x), x
+        else:
+            normed, residual = self.input_layernorm.add_forward(x, residual)
+        normed, residual = self.post_attention_layernorm.add_forward(self.self_attn(normed, cos, sin, attend),
+                                                                     residual)
+        return self.mlp(normed), residual
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: AttendFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out, residual = self.step(x, None, cos, sin, attend)
+        return residual + out
+
+
+def run_layers(layers: Sequence[DecoderLayer], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               attends: Sequence[AttendFn]) -> torch.Tensor:
+    """x through `layers` in order (layer i attends with attends[i]), each norm after the first
+    fused with the residual add before it; equal to calling the layers one by one."""
+    residual = None
+    for layer, attend in zip(layers, attends, strict=True):
+        x, residual = layer.step(x, residual, cos, sin, attend)
+    return x if residual is None else residual + x
