@@ -41,7 +41,7 @@ from benchmarks.mor_models import (PAPER_SPECS, QUICK_SHAPE, QUICK_SPECS, SMOLLM
                                    calibrate_router_bias, kv_bytes_per_entry, model_config, random_model,
                                    weight_bytes)
 from morserve.engine import EngineArgs, LLMEngine  # noqa: E402
-from morserve.engine.block_pass import KV_LEN  # noqa: E402
+from morserve.engine.tick import KV_LEN  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

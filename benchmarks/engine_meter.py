@@ -80,7 +80,7 @@ class EngineMeter:
         self.blocks = engine.blocks
         self.entry_bytes = kv_bytes_per_entry(cfg, runner.dtype)
         self.page_bytes = self.entry_bytes * self.blocks.block_size
-        self.share_first = cfg.mor.kv_mode == "share_first"
+        self.stages = engine.stages
         self.weights = {"prologue": weight_bytes([*model.prologue]),
                         "block": weight_bytes([*model.block]),
                         "epilogue": weight_bytes([*model.epilogue, model.norm, head])}
@@ -123,9 +123,8 @@ class EngineMeter:
         """Entries each chunk sees at its depth after this step's writes (share-first: depth 1's)."""
         total = 0
         for c in chunks:
-            stage = 1 if self.share_first else c.depth
-            writes = c.num_active if (not self.share_first or c.depth == 1) else 0
-            total += self.blocks.length(c.seq.seq_id, stage) + writes
+            writes = c.num_active if self.stages.write_stage(c.depth) is not None else 0
+            total += self.blocks.length(c.seq.seq_id, self.stages.read_stage(c.depth)) + writes
         return total
 
     # ---- per tick ---------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Questions answered, as one markdown table:
   same bytes (the ceiling) and vs the torch reference (index_select / index_copy_);
 - decode paged attention at long contexts over many sequences: effective bandwidth (K/V bytes read)
   vs dense SDPA on contiguous K/V of the same size, plus one mixed batch (a 512-token prefill chunk
-  beside decode rows) to show what prefill rows cost this decode-oriented kernel.
+  beside decode rows, its rows sharing query tiles) to show what prefill rows cost;
+- the layer's fused kernels (residual add + RMSNorm, silu * up) and the LM-head tail (argmax,
+  log-probability, finiteness in one pass over bf16/fp16 logits) vs their torch references.
 
     python benchmarks/kernels.py --check        # the kernel test suite + per-case checks, then timings
 Needs a CUDA GPU (and imports without one, for --help).
@@ -95,7 +97,36 @@ def row_cases(args: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
                 bench(lambda: tri.gather_rows_rmsnorm(pool, index, weight, 1e-6)), "torch gather+rmsnorm",
                 bench(lambda: ref.gather_rows_rmsnorm(pool, index, weight, 1e-6))),
         ]
-    return rows_out
+    return rows_out + fused_cases(args, dtype)
+
+
+def fused_cases(args: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    """The layer's fused row kernels (residual add + RMSNorm, silu * up) and the LM-head tail,
+    against their torch references (several aten kernels each)."""
+    out = []
+    weight = torch.randn(args.hidden, device="cuda", dtype=dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    for t in args.rows:
+        x, residual = (torch.randn(t, args.hidden, device="cuda", dtype=dtype) for _ in range(2))
+        gate_up = torch.randn(t, 2 * args.intermediate, device="cuda", dtype=dtype)
+        logits = torch.randn(min(t, 256), args.vocab, device="cuda", dtype=dtype)
+        if args.check:
+            check("add_rmsnorm", tri.add_rmsnorm(x, residual, weight, 1e-6), ref.add_rmsnorm(x, residual, weight, 1e-6),
+                  dtype)
+            check("silu_mul", tri.silu_mul(gate_up), ref.silu_mul(gate_up), dtype)
+            for got, expected in zip(tri.lm_head_tail(logits), ref.lm_head_tail(logits)):
+                torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        out += [
+            Row("add_rmsnorm", f"T={t} d={args.hidden}", 4 * t * args.hidden * size,
+                bench(lambda: tri.add_rmsnorm(x, residual, weight, 1e-6)), "torch add + rmsnorm",
+                bench(lambda: ref.add_rmsnorm(x, residual, weight, 1e-6))),
+            Row("silu_mul", f"T={t} F={args.intermediate}", 3 * t * args.intermediate * size,
+                bench(lambda: tri.silu_mul(gate_up)), "torch silu * up", bench(lambda: ref.silu_mul(gate_up))),
+            Row("lm_head_tail", f"B={logits.shape[0]} V={args.vocab}", logits.numel() * size,
+                bench(lambda: tri.lm_head_tail(logits)), "torch float32 argmax + log_softmax",
+                bench(lambda: ref.lm_head_tail(logits))),
+        ]
+    return out
 
 
 def _paged(seqs: int, context: int, heads: tuple[int, int, int], page_size: int, dtype: torch.dtype):
@@ -161,6 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the torch reference before timing it")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--hidden", type=int, default=4096, help="hidden size of the gather/scatter rows")
+    p.add_argument("--intermediate", type=int, default=2560, help="MLP width of the silu * up rows")
+    p.add_argument("--vocab", type=int, default=49152, help="vocabulary of the LM-head tail rows")
     p.add_argument("--pool-rows", type=int, default=65536, help="rows of the persistent hidden-state pool")
     p.add_argument("--rows", type=int, nargs="+", default=[256, 4096, 16384], help="rows gathered per tick")
     p.add_argument("--models", choices=sorted(MODELS), nargs="+", default=sorted(MODELS))

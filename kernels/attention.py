@@ -43,7 +43,8 @@ def _attention_kernel(q, k_cache, v_cache, block_tables, query_group, kv_lens, o
                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                       PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                      NUM_STAGES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      NUM_STAGES: tl.constexpr, KV_ALIGN: tl.constexpr, UPCAST: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
     t0 = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -91,12 +92,17 @@ def _attention_kernel(q, k_cache, v_cache, block_tables, query_group, kv_lens, o
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        page_idx = lo // PAGE_SIZE + offs_page
+        page = tl.load(table + page_idx * stride_table_col, mask=page_idx * PAGE_SIZE < hi, other=0)
         for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
-            page_idx = start // PAGE_SIZE + offs_page
-            page = tl.load(table + page_idx * stride_table_col, mask=page_idx * PAGE_SIZE < hi, other=0)
+            # the next step's page ids are loaded one step ahead, so the K/V addresses come from a
+            # loop-carried value: the compiler then multi-buffers the K/V copies NUM_STAGES - 1 deep
+            page_idx = (start + BLOCK_N) // PAGE_SIZE + offs_page
+            next_page = tl.load(table + page_idx * stride_table_col, mask=page_idx * PAGE_SIZE < hi, other=0)
             key_offs = (page.to(tl.int64) * stride_cache_page)[:, None] + \
                 ((start % PAGE_SIZE + offs_key) * stride_cache_off)[None, :]
-            key_offs = tl.reshape(key_offs, [BLOCK_N]) + kv_head * stride_cache_h
+            # reshape drops the divisibility facts; restoring them lets the K/V loads be async copies
+            key_offs = tl.multiple_of(tl.reshape(key_offs, [BLOCK_N]) + kv_head * stride_cache_h, KV_ALIGN)
             pos = start + offs_n
             kv_offs = key_offs[:, None] + offs_d[None, :] * stride_cache_d
             kv_mask = (pos < hi)[:, None] & d_mask[None, :]
@@ -114,6 +120,7 @@ def _attention_kernel(q, k_cache, v_cache, block_tables, query_group, kv_lens, o
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
             m_i = m_new
+            page = next_page
 
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                      # rows that see nothing: zeros
         out_offs = rows[:, None] * (NUM_HEADS * HEAD_DIM) + heads[:, None] * HEAD_DIM + offs_d[None, :]
@@ -189,6 +196,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if t == 0:
         return out
     config = attention_config(t, h, hkv, d, page_size, q.dtype)
+    config["KV_ALIGN"] = 16 if all(stride % 16 == 0 for stride in k_cache.stride()[:3]) else 1
     splits = config["NUM_SPLITS"]
     if splits > 1:
         part_out = torch.empty((splits, t, h, d), dtype=torch.float32, device=q.device)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from kernels._launch import check_tensors
 
-_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 _BLOCK_V = 2048
 
 

@@ -1,4 +1,9 @@
-"""Static-buffer, padded execution of the block pass, replayed from CUDA graphs on CUDA.
+"""CUDA-graph capture (one recipe for every captured piece of work) and static-buffer, padded
+execution of the block pass, replayed from CUDA graphs on CUDA.
+
+`capture_graph(fn)`: warm-up on a side stream (compiles the Triton kernels, sizes workspaces), then
+capture into a graph, optionally sharing a memory pool; the per-tick block pass and the decode
+loop's whole tick both go through it.
 
 A tick's block pass has a token count T that changes every tick. `GraphedBlockPass` owns static
 metadata and block-table buffers, pads T up to the next captured size (padding rows are inert:
@@ -13,10 +18,26 @@ tested on machines without a GPU.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
-from morserve.engine.block_pass import DEPTH, ENTRY, NUM_FIELDS, SLOT, BlockPass
+from morserve.engine.tick import DEPTH, ENTRY, NUM_FIELDS, SLOT, TickPhases
+
+
+def capture_graph(fn: Callable[[], object], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run `fn` once on a side stream (warm-up), then capture it; returns (graph, fn's output in
+    the graph's memory). The caller makes `fn`'s inputs inert for both runs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def graph_sizes(max_tokens: int) -> list[int]:
@@ -33,25 +54,25 @@ def graph_sizes(max_tokens: int) -> list[int]:
 
 
 class GraphedBlockPass:
-    """Callable like BlockPass but on host arrays: pads, copies into static buffers, replays."""
+    """Callable like TickPhases.block but on host arrays: pads, copies into static buffers, replays."""
 
-    def __init__(self, block_pass: BlockPass, sizes: list[int], max_width: int, layers: int,
-                 scratch_slot: int, capture: bool) -> None:
+    def __init__(self, phases: TickPhases, sizes: list[int], max_width: int, layers: int,
+                 capture: bool) -> None:
         if not sizes:
             raise ValueError("GraphedBlockPass needs at least one padded size")
-        self.block_pass = block_pass
+        self.block_pass = phases.block
         self.sizes = sorted(set(sizes))
         self.max_width = max_width
-        device = block_pass.hidden.device
+        device = phases.device
         largest = self.sizes[-1]
         self.pad = np.zeros(NUM_FIELDS, dtype=np.int64)
-        self.pad[SLOT], self.pad[ENTRY], self.pad[DEPTH] = scratch_slot, -1, block_pass.mor.num_recursions
+        self.pad[SLOT], self.pad[ENTRY], self.pad[DEPTH] = phases.scratch, -1, phases.num_recursions
         with torch.inference_mode():
             self.meta = torch.from_numpy(np.repeat(self.pad[:, None], largest, axis=1)).to(device)
             self.tables = torch.zeros(largest, max_width, max(layers, 1), dtype=torch.int32, device=device)
         self.capture = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pool = None
 
     @property
@@ -64,21 +85,14 @@ class GraphedBlockPass:
     def _capture(self, size: int) -> None:
         meta, tables = self.meta[:, :size], self.tables[:size]
         meta.copy_(torch.from_numpy(np.repeat(self.pad[:, None], size, axis=1)))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.block_pass(meta, tables)                 # warm-up: compiles, sizes workspaces
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self.outputs[size] = self.block_pass(meta, tables)
+        graph, self.outputs[size] = capture_graph(lambda: self.block_pass(meta, tables), self._pool)
         self._pool = graph.pool()
         self.graphs[size] = graph
 
     @torch.inference_mode()
-    def __call__(self, meta: np.ndarray, tables: np.ndarray) -> torch.Tensor:
+    def __call__(self, meta: np.ndarray, tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """meta [NUM_FIELDS, T] int64 and tables [G, M, L] int32 (host arrays, fits() true) ->
-        continue [T] bool on the device."""
+        (continue [T] bool, counts [2, Nr]) on the device; padding rows are not counted."""
         t = meta.shape[1]
         size = next(s for s in self.sizes if s >= t)
         if self.capture and size not in self.graphs:
@@ -91,5 +105,7 @@ class GraphedBlockPass:
         self.tables[:g, :m].copy_(torch.from_numpy(tables))
         if self.capture:
             self.graphs[size].replay()
-            return self.outputs[size][:t]
-        return self.block_pass(self.meta[:, :size], self.tables[:size])[:t]
+            cont, counts = self.outputs[size]
+        else:
+            cont, counts = self.block_pass(self.meta[:, :size], self.tables[:size])
+        return cont[:t], counts

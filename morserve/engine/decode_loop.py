@@ -5,15 +5,17 @@ flight, nothing admissible waiting, no penalties, bans, truncation or top-N logp
 hands K ticks to this loop. The state of
 each sequence's token in flight (token id, position, recursion depth, pool slot, per-stage KV
 lengths, block tables) lives in device tensors with one row per sequence, and one tick is the
-engine's tick over all rows, with masks instead of Python bookkeeping:
-1. prologue for rows whose sampled token has not entered the model yet (depth 0);
-2. one shared-block pass over the rows in the block, at mixed depths (depth-synchronous batching:
-   Nr passes, so that every row leaves the block within the tick);
-3. epilogue, LM head and the sampler's own greedy argmax or counter-based draw (temperature, no
-   truncation) for the rows that left the block; their next token is recorded in the tick's
-   output row and enters the prologue in the next tick.
+engine's tick (the phases of tick.py, the same functions the per-tick runner calls) over all
+rows, with masks instead of Python bookkeeping:
+1. `TickPhases.prologue` for rows whose sampled token has not entered the model yet (depth 0);
+2. `TickPhases.block` over the rows in the block, at mixed depths (depth-synchronous batching:
+   Nr passes, so that every row leaves the block within the tick), its metadata from the rows'
+   state by CacheStages' rule;
+3. `TickPhases.epilogue` and `sampler.plain_tail` for the rows that left the block; their next
+   token is recorded in the tick's output row and enters the prologue in the next tick.
 Rows that take no part in a phase point at the pool's scratch row and write no K/V, so every tick
-has the same shapes: on CUDA the tick is captured once as a CUDA graph and replayed K times.
+has the same shapes: on CUDA the tick is captured once as a CUDA graph (cuda_graphs.capture_graph)
+and replayed K times.
 Before the loop the host reserves pages for K more entries per stage; after it, the host reads the
 K ticks' tokens at once, applies stop conditions in order and takes the state back.
 """
@@ -25,11 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import kernels
-from morserve.engine.block_pass import DEPTH, ENTRY, GROUP, KV_LEN, NUM_FIELDS, POSITION, SLOT, TARGET
-from morserve.engine.sampler import as_int64, counter_uniform, draw, scale_logits
+from morserve.engine.cuda_graphs import capture_graph
+from morserve.engine.sampler import as_int64, plain_tail
 from morserve.engine.sequence import Chunk, Sequence
-from morserve.model.routing import token_choice
+from morserve.engine.tick import DEPTH, ENTRY, GROUP, KV_LEN, NUM_FIELDS, POSITION, SLOT, TARGET
 
 # rows of the host field mirror: token, position, depth, target, slot, live, seed
 SLOT_ROW, LIVE_ROW, SEED_ROW = 4, 5, 6
@@ -67,7 +68,7 @@ class DecodeLoop:
 
     def __init__(self, runner, max_seqs: int, max_model_len: int, max_steps: int, depth_sync: bool,
                  capture: bool) -> None:
-        self.runner, self.model, self.blocks = runner, runner.model, runner.blocks
+        self.runner, self.blocks, self.phases, self.stages = runner, runner.blocks, runner.phases, runner.stages
         self.mor = runner.mor
         self.depth_sync, self.capture, self.max_steps = depth_sync, capture, max_steps
         self.rows_max = max_seqs
@@ -86,8 +87,6 @@ class DecodeLoop:
             self.lengths = torch.zeros(max_seqs, stages, **long)
             self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
             self.rows = torch.arange(max_seqs, **long)
-            self.rows32 = self.rows.to(torch.int32)
-            self.depths = torch.arange(1, nr + 1, **long)
             self.step = torch.zeros(1, **long)
             self.out_tokens = torch.zeros(max_steps, max_seqs, **long)
             self.out_depths = torch.zeros(max_steps, max_seqs, **long)
@@ -116,14 +115,8 @@ class DecodeLoop:
 
     # ---- host side ----------------------------------------------------------------------------
     def entries_bound(self, ticks: int) -> list[int]:
-        """The most K/V entries one row can write per cache stage in `ticks` ticks. Stage 0: one
-        token per tick. Depth-wise, a token spends one tick per recursion and the next token
-        enters after it left, so a row's writes at depth d are at least d ticks apart:
-        ceil(ticks / d). Depth-synchronous ticks take a token through every depth: ticks."""
-        stages = len(self.blocks.layers_per_stage)
-        if self.depth_sync or self.mor.kv_mode == "share_first":
-            return [ticks] * stages
-        return [ticks] + [-(-ticks // d) for d in range(1, stages)]
+        """The most K/V entries one row can write per cache stage in `ticks` ticks."""
+        return self.stages.entries_bound(ticks, self.depth_sync)
 
     def load(self, seqs: list[Sequence]) -> None:
         """Copy the sequences' decode state into rows 0..len(seqs)-1. A sequence without a chunk
@@ -154,7 +147,7 @@ class DecodeLoop:
                 lengths[b, stage] = cache.length if cache is not None else 0
         self.sampling = bool(temperatures[:n].any())
         # every token a row computes in the loop routes with its sequence's current overrides
-        self.runner.set_routing(torch.tensor([seq.chunk.slots[0] for seq in seqs], dtype=torch.long).to(self.slot.device),
+        self.phases.set_routing(torch.tensor([seq.chunk.slots[0] for seq in seqs], dtype=torch.long).to(self.slot.device),
                                 [seq.caps.current for seq in seqs], [seq.request.router_threshold for seq in seqs])
         self.refresh_tables(seqs)
         with torch.inference_mode():
@@ -228,91 +221,55 @@ class DecodeLoop:
         touch only the scratch row; the live mask is restored afterwards."""
         live = self.live.clone()
         self.live.zero_()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._tick(sampling)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._tick(sampling)
-        self.graphs[sampling] = graph
+        self.graphs[sampling], _ = capture_graph(lambda: self._tick(sampling))
         self.live.copy_(live)
         self.step.zero_()
 
     # ---- one tick on the device ---------------------------------------------------------------
-    def _stage0(self, layers, first: int, h: torch.Tensor, mask: torch.Tensor, cos, sin) -> torch.Tensor:
-        """Prologue / epilogue layers for the rows in `mask`; the others write and see nothing."""
-        entries = torch.where(mask, self.position, -1)
-        kv_lens = torch.where(mask, self.position + 1, 0).to(torch.int32)
-        stage0 = self.tables[:, 0]
-        for i, layer in enumerate(layers):
-            h = layer(h, cos, sin, self.runner.kv.attend_fn(stage0, self.rows32, entries, kv_lens, first + i))
-        return h
-
     def _record(self, out: torch.Tensor, values: torch.Tensor) -> None:
         out.index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
 
     def _tick(self, sampling: bool) -> None:
-        runner, model, mor = self.runner, self.model, self.mor
-        nr, scratch = mor.num_recursions, runner.pool_size
-        cos, sin = model.rope(self.position, runner.dtype)
+        phases, nr, scratch = self.phases, self.mor.num_recursions, self.phases.scratch
+        cos, sin = phases.rope(self.position)                     # every phase of the tick: same rows
+        stage0 = self.tables[:, 0]
 
         fresh = self.live & (self.depth == 0)
-        h = self._stage0(model.prologue, 0, model.embed_tokens(self.token), fresh, cos, sin)
-        fresh_slots = torch.where(fresh, self.slot, scratch)
-        kernels.scatter_rows(runner.hidden, fresh_slots, h)
-        if mor.router == "token":
-            chosen, weight = token_choice(model.token_router_logits(h), mor, runner.block_pass.bias,
-                                          runner.depth_cap.index_select(0, self.slot))
-            self.target.copy_(torch.where(fresh, chosen, self.target))
-            kernels.scatter_rows(runner.entry, fresh_slots, h)
-            runner.gate.index_copy_(0, fresh_slots, weight[:, None].float())
+        attends = phases.stage0_attention(stage0, self.rows, self.position, phases.prologue_columns, fresh)
+        target = phases.prologue(self.token, torch.where(fresh, self.slot, scratch), attends, cos, sin)
+        if target is not None:
+            self.target.copy_(torch.where(fresh, target, self.target))
         self.lengths[:, 0].copy_(torch.where(fresh, self.position + 1, self.lengths[:, 0]))
         self._record(self.out_prologue, fresh.sum())
 
         depth = torch.where(fresh, 1, self.depth)
         exit_depth = torch.zeros_like(depth)
-        occupancy = torch.zeros(nr, dtype=torch.long, device=depth.device)
-        exits = torch.zeros_like(occupancy)
-        share_first = mor.kv_mode == "share_first"
+        counts = torch.zeros(2, nr, dtype=torch.long, device=depth.device)
         for _ in range(nr if self.depth_sync else 1):
             active = self.live & (depth >= 1)
             d = depth.clamp(1, nr)
-            writes = active & (d == 1) if share_first else active
-            stage = torch.ones_like(d) if share_first else d
-            entry = torch.where(writes, self.lengths.gather(1, stage[:, None]).squeeze(1), -1)
+            stage, entry, kv_len, writes = self.stages.device_fields(d, active, self.position, self.lengths)
             fields = [None] * NUM_FIELDS
             fields[SLOT], fields[POSITION], fields[GROUP] = torch.where(active, self.slot, scratch), self.position, self.rows
-            fields[ENTRY] = entry
-            fields[KV_LEN] = torch.where(active, torch.where(writes, entry + 1, self.position + 1), 0)
+            fields[ENTRY], fields[KV_LEN] = entry, kv_len
             fields[DEPTH], fields[TARGET] = torch.where(active, d, nr), self.target
-            cont = runner.block_pass(torch.stack(fields), self.tables[self.rows, stage])
+            cont, step_counts = phases.block(torch.stack(fields), self.tables[self.rows, stage])
             self.lengths.scatter_add_(1, stage[:, None], writes.long()[:, None])
-            at_depth = (d[:, None] == self.depths[None, :]).long()          # [rows, Nr] one-hot
+            counts += step_counts
             left = active & ~cont
-            occupancy += (at_depth * active[:, None]).sum(0)
-            exits += (at_depth * left[:, None]).sum(0)
             exit_depth = torch.where(left, d, exit_depth)
             depth = torch.where(active & cont, depth + 1, torch.where(left, -1, depth))
-        self._record(self.out_occupancy, occupancy)
-        self._record(self.out_exits, exits)
+        self._record(self.out_occupancy, counts[0])
+        self._record(self.out_exits, counts[1])
 
         left = depth == -1
-        h = kernels.gather_rows(runner.hidden, torch.where(left, self.slot, scratch))
-        h = self._stage0(model.epilogue, len(model.prologue), h, left, cos, sin)
-        logits = model.logits(h).float()
-        scaled = scale_logits(logits, self.temperature)            # the sampler's own steps
-        token = scaled.argmax(dim=-1)
-        if sampling:
-            drawn = draw(torch.softmax(scaled, dim=-1), counter_uniform(self.seed, self.position + 1))
-            token = torch.where(self.temperature > 0, drawn, token)
-        valid = torch.isfinite(scaled).any(dim=-1)                 # else -2: the host fails the row
-        self._record(self.out_tokens, torch.where(left, torch.where(valid, token, -2), -1))
+        attends = phases.stage0_attention(stage0, self.rows, self.position, phases.epilogue_columns, left)
+        logits = phases.epilogue(torch.where(left, self.slot, scratch), attends, cos, sin)
+        token, logprob, valid = plain_tail(logits, self.temperature, self.seed, self.position + 1, sampling)
+        self._record(self.out_tokens, torch.where(left, torch.where(valid, token, -2), -1))   # -2: the host fails the row
         self._record(self.out_depths, exit_depth)
-        self._record(self.out_logprobs, torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1))
+        self._record(self.out_logprobs, logprob)
         self.token.copy_(torch.where(left, token, self.token))
         self.position.copy_(torch.where(left, self.position + 1, self.position))
         self.depth.copy_(torch.where(left, 0, depth))
         self.step += 1
-

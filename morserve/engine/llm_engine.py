@@ -1,6 +1,6 @@
 """The synchronous engine: requests in, one tick per `step()`, RequestOutputs out.
 
-One tick (depth-wise mode):
+One tick (depth-wise mode), the per-tick driver of the phases in tick.py:
 1. schedule: running sequences without work and admitted waiting ones get their next chunk
    (prompt chunk or freshly sampled token) under the token budget; pages short -> preemption;
 2. prologue over the new chunks; they enter recursion 1;
@@ -12,9 +12,11 @@ Vanilla (depth-synchronous) mode runs step 3 repeatedly inside the tick until ev
 left the block, so each decode step does recursions 1..Nr in order over a shrinking batch.
 
 With num_scheduler_steps = K > 1, when every running sequence decodes greedily or by plain
-temperature sampling, step() instead hands K ticks of the same semantics to the device decode loop
-(decode_loop.py) and takes their tokens back at once; loops are chained while nothing stands in the
-way, so the host handles one loop's tokens while the device runs the next.
+temperature sampling, step() instead hands K ticks of the same phases to the device decode loop
+(multi_step.py, decode_loop.py) and takes their tokens back at once.
+
+The engine's other jobs live beside it: output processing and stop rules (output_processor.py),
+per-tick statistics (stats.py), the cache-stage map (stages.py).
 
 The depth reported for a generated token is the number of recursions taken by the position that
 produced it (the last input token); the dense reference's `depths[prompt_len - 1 + i]`.
@@ -23,9 +25,7 @@ produced it (the last input token); the dense reference's `depths[prompt_len - 1
 from __future__ import annotations
 
 import itertools
-import logging
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -33,53 +33,23 @@ import torch
 from morserve.config import ModelConfig
 from morserve.engine.args import EngineArgs
 from morserve.engine.cuda_graphs import graph_sizes
-from morserve.engine.depth_policy import DepthPolicy
+from morserve.engine.decode_loop import DecodeLoop
 from morserve.engine.depth import check_depth_params, request_max_depth, request_threshold
-from morserve.engine.decode_loop import DecodeLoop, LoopHandle, LoopOutput
+from morserve.engine.depth_policy import DepthPolicy
 from morserve.engine.kv_cache import BlockManager
-from morserve.engine.outputs import CompletionOutput, RequestOutput
+from morserve.engine.multi_step import LoopFlight, MultiStep
+from morserve.engine.output_processor import OutputProcessor, finish
+from morserve.engine.outputs import RequestOutput
 from morserve.engine.runner import ModelRunner
-from morserve.engine.sampler import Sampled, SamplingRow, prompt_logprobs, sample
+from morserve.engine.sampler import Sampled, SamplingRow, as_int64, is_plain, plain_tail, prompt_logprobs, sample
 from morserve.engine.sampling_params import SamplingParams
 from morserve.engine.scheduler import Scheduler
-from morserve.engine.sequence import Chunk, Request, Sequence, SeqStatus
+from morserve.engine.sequence import Chunk, Request, Sequence
+from morserve.engine.stages import CacheStages
+from morserve.engine.stats import TickRecorder, TickStats
 from morserve.model.mor import MoRModel
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TickStats:
-    """What one tick did, for metrics and tests (index d-1 of the lists = depth d)."""
-
-    num_block_tokens: int = 0
-    num_prologue_tokens: int = 0
-    num_epilogue_tokens: int = 0
-    depth_occupancy: list[int] = field(default_factory=list)
-    exits_per_depth: list[int] = field(default_factory=list)
-    kv_blocks_used: dict[int, int] = field(default_factory=dict)
-    kv_usage: float = 0.0
-    num_running: int = 0
-    num_waiting: int = 0
-    num_preemptions: int = 0
-    num_generated_tokens: int = 0
-    num_block_steps: int = 0
-    prefix_cache_queries: int = 0        # cumulative prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0           # cumulative of those found cached (vLLM's names)
-    depth_cap: int = 0                   # the depth policy's cap for requests that allow reduction
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
-
-@dataclass
-class LoopFlight:
-    """A decode loop launched on the device and not yet collected, over these sequences."""
-
-    seqs: list[Sequence]
-    steps: int
-    handle: LoopHandle
+__all__ = ["LLMEngine", "TickStats"]
 
 
 class LLMEngine:
@@ -92,35 +62,37 @@ class LLMEngine:
         cfg = self.model_config
         self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
-        mor = cfg.mor
-        stages = [cfg.num_prologue_layers + cfg.num_epilogue_layers]
-        stages += [cfg.num_block_layers] * (1 if mor.kv_mode == "share_first" else mor.num_recursions)
+        self.stages = CacheStages(cfg)
         param = next(model.parameters())
         page_bytes = 2 * args.block_size * cfg.num_key_value_heads * cfg.head_dim * param.element_size()
-        self._worst_pages = lambda n: sum(-(-n // args.block_size) * layers for layers in stages)
+        self._worst_pages = lambda n: self.stages.worst_pages(n, args.block_size)
         num_pages = args.num_pages(page_bytes, self._worst_pages(self.max_model_len), param.device)
-        self.blocks = BlockManager(num_pages, args.block_size, stages, args.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.blocks, args.max_num_batched_tokens)
+        self.blocks = BlockManager(num_pages, args.block_size, self.stages.layers_per_stage,
+                                   args.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, self.blocks, self.stages, args.max_num_batched_tokens,
+                                  self.max_model_len)
         max_graph = min(args.cuda_graph_max_tokens, args.max_num_batched_tokens)
         cuda_graphs = self.runner.device.type == "cuda" and not args.enforce_eager
         if cuda_graphs and max_graph > 0:
             self.runner.use_graphs(graph_sizes(max_graph), self.max_model_len, capture=True)
-        self.decode_loop = None
-        self._flight: LoopFlight | None = None
-        if args.num_scheduler_steps > 1:
-            self.decode_loop = DecodeLoop(self.runner, args.max_num_seqs, self.max_model_len,
-                                          args.num_scheduler_steps, args.batching == "vanilla", cuda_graphs)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.runner.release_slots)
-        self.depth_policy = DepthPolicy(args.depth_policy, args.depth_policy_metric, args.depth_policy_target,
-                                        mor.num_recursions)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(args.seed)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else cfg.eos_token_ids)
-        self.tick_listeners: list[Callable[[TickStats], None]] = []
-        self.last_tick = TickStats()
-        self.total_depth_token_ticks = [0] * mor.num_recursions
+        self.depth_policy = DepthPolicy(args.depth_policy, args.depth_policy_metric, args.depth_policy_target,
+                                        cfg.mor.num_recursions)
+        self.recorder = TickRecorder(cfg.mor.num_recursions, self.blocks, self.scheduler, self.depth_policy)
+        self.processor = OutputProcessor(tokenizer, self.eos_ids, self.max_model_len, self._retire)
+        self.decode_loop: DecodeLoop | None = None
+        self.multi_step: MultiStep | None = None
+        if args.num_scheduler_steps > 1:
+            self.decode_loop = DecodeLoop(self.runner, args.max_num_seqs, self.max_model_len,
+                                          args.num_scheduler_steps, args.batching == "vanilla", cuda_graphs)
+            self.multi_step = MultiStep(self.decode_loop, args.num_scheduler_steps, args.max_num_seqs,
+                                        self.max_model_len, self.scheduler, self.blocks, self.runner,
+                                        self.processor, self.recorder)
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -132,6 +104,23 @@ class LLMEngine:
         from morserve.checkpoint import load_pretrained
         pretrained = load_pretrained(args.model, device=device, dtype=dtype)
         return cls(pretrained.model, pretrained.tokenizer, args)
+
+    # ---- statistics ---------------------------------------------------------------------------
+    @property
+    def tick_listeners(self) -> list[Callable[[TickStats], None]]:
+        return self.recorder.listeners
+
+    @property
+    def last_tick(self) -> TickStats:
+        return self.recorder.last
+
+    @property
+    def total_depth_token_ticks(self) -> list[int]:
+        return self.recorder.total_depth_token_ticks
+
+    @property
+    def _flight(self) -> LoopFlight | None:
+        return self.multi_step.flight if self.multi_step is not None else None
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
@@ -209,12 +198,10 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.finished:
                 self.scheduler.remove(seq)
-                self._finish(seq, "abort", None)
-        flight = self._flight
-        if flight is not None and all(seq.finished for seq in flight.seqs):
-            self.decode_loop.collect(flight.handle, len(flight.seqs))     # nothing left to take from it
-            self._flight = None
-        self._record(self._stats())      # no tick may follow: publish the freed pages now
+                finish(seq, "abort", None)
+        if self.multi_step is not None:
+            self.multi_step.drop_if_idle()
+        self.recorder.record(self.recorder.empty())      # no tick may follow: publish the freed pages now
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -227,30 +214,28 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
-    # ---- the tick ---------------------------------------------------------------------------
-    def _stats(self) -> TickStats:
-        nr = self.model_config.mor.num_recursions
-        return TickStats(depth_occupancy=[0] * nr, exits_per_depth=[0] * nr)
+    def _retire(self, seq: Sequence) -> None:
+        """A sequence finished: free what it holds; the request goes once all its sequences did."""
+        self.scheduler.remove(seq)
+        if seq.request.finished:
+            self.requests.pop(seq.request.request_id, None)
 
+    # ---- the tick ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One tick, or, when the decode loop applies, several ticks run on the device. When the
         engine falls idle, a zero-work TickStats follows the last tick's (no tick may follow it,
         and per-tick gauges must not keep the last tick's load)."""
-        outputs = self._step()
+        outputs = self.processor.outputs(self._step())
         if not self.requests:
-            self._record(self._stats())
+            self.recorder.record(self.recorder.empty())
         return outputs
 
-    def _step(self) -> list[RequestOutput]:
-        if self.decode_loop is not None:
-            if self._flight is not None:
-                return self._loop_continue()
-            steps = self._loop_steps()
-            if steps > 1 and self.blocks.reserve_ahead([s.seq_id for s in self.scheduler.running],
-                                                       self.decode_loop.entries_bound(steps)):
-                return self._loop_start(steps)
+    def _step(self) -> set[Request]:
+        multi = self.multi_step
+        if multi is not None and (multi.flight is not None or multi.try_start()):
+            return multi.advance()
         self._apply_depth_policy()
-        stats = self._stats()
+        stats = self.recorder.empty()
         sched, runner = self.scheduler, self.runner
         reserved = sum(runner.block_pages_needed(self._in_block()).values())
         new = sched.schedule(reserved)
@@ -262,17 +247,13 @@ class LLMEngine:
             if not active:
                 break
             step = runner.block_step(active)
-            stats.num_block_steps += 1
-            for d, (occ, ex) in enumerate(zip(step.occupancy, step.exits)):
-                stats.depth_occupancy[d] += occ
-                stats.exits_per_depth[d] += ex
+            self.recorder.add_block_step(stats, step.occupancy, step.exits)
             if self.args.batching == "depthwise":
                 break
-        stats.num_block_tokens = sum(stats.depth_occupancy)
         done = [c for c in self._in_flight() if not c.in_block]
         touched = self._finish_chunks(done, stats) if done else set()
-        self._record(stats)
-        return self._outputs(touched)
+        self.recorder.record(stats)
+        return touched
 
     def _apply_depth_policy(self) -> None:
         """Feed the depth policy this tick's load; when its cap moves, the positions not yet in the
@@ -283,119 +264,6 @@ class LLMEngine:
             for seq in itertools.chain(sched.running, sched.waiting):
                 if seq.request.params.allow_depth_reduction:
                     seq.caps.set_from(seq.embedded, min(seq.request.max_depth, self.depth_policy.cap))
-
-    # ---- multi-step greedy decoding on the device -----------------------------------------------
-    def _loop_steps(self) -> int:
-        """Ticks the decode loop may run now: 0 unless every running sequence decodes greedily or by
-        plain temperature sampling (single-token chunks, no penalties, bans, truncation or top-N
-        logprobs) and no waiting request could
-        be admitted; at most what the context leaves every sequence. A sequence that reaches
-        max_tokens or a stop inside the loop keeps its row busy to the end of the loop, and the
-        tokens past its end are dropped."""
-        seqs, steps = self.scheduler.running, self.args.num_scheduler_steps
-        if not seqs or (self.scheduler.waiting and len(seqs) < self.args.max_num_seqs):
-            return 0
-        for seq in seqs:
-            p = seq.request.params
-            truncates = p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0
-            if (truncates or p.logprobs not in (None, 0) or p.repetition_penalty != 1.0
-                    or p.presence_penalty or p.frequency_penalty or len(seq.output_ids) < p.min_tokens):
-                return 0
-            chunk = seq.chunk
-            pending = seq.num_computed == len(seq.token_ids) - 1 if chunk is None else chunk.n == chunk.num_active == 1
-            if not pending or (chunk is not None and seq.caps.at(chunk.start) != seq.caps.current):
-                return 0      # (the loop routes a row's tokens with one cap)
-            steps = min(steps, self.max_model_len - len(seq.token_ids))
-        if sum(seq.chunk is None for seq in seqs) > self.runner.num_free_slots:
-            return 0          # every row holds a pool slot for the whole loop
-        return steps
-
-    def _loop_start(self, steps: int) -> list[RequestOutput]:
-        """Load the running sequences into the decode loop and launch `steps` ticks."""
-        seqs = list(self.scheduler.running)
-        self.decode_loop.load(seqs)
-        self._flight = LoopFlight(seqs, steps, self.decode_loop.launch(steps))
-        return self._loop_continue()
-
-    def _loop_continue(self) -> list[RequestOutput]:
-        """Collect the loop in flight. When nothing stands in the way (no sequence ended or was
-        aborted, nothing admissible waiting, pages and context for two more loops), the next loop
-        is launched first, so the device computes it while the host handles this one's tokens;
-        otherwise the state comes back to the per-tick engine."""
-        flight, loop = self._flight, self.decode_loop
-        chained = None
-        if self._can_chain(flight):
-            loop.refresh_tables(flight.seqs)
-            chained = loop.launch(flight.steps)
-        out = loop.collect(flight.handle, len(flight.seqs))
-        touched = self._take_tokens(flight.seqs, out, trim=chained is None)
-        if chained is not None and any(seq.finished for seq in flight.seqs):
-            out = loop.collect(chained, len(flight.seqs))            # drain: its rows finish idle
-            touched |= self._take_tokens(flight.seqs, out, trim=True)
-            chained = None
-        if chained is not None:
-            self._flight = LoopFlight(flight.seqs, flight.steps, chained)
-        else:
-            for b, seq in enumerate(flight.seqs):
-                if not seq.finished:
-                    self._take_back(seq, out, b)
-            self._flight = None
-        return self._outputs(touched)
-
-    def _can_chain(self, flight: "LoopFlight") -> bool:
-        """Pages are reserved relative to the lengths the host knows, which lag the device by the
-        loop in flight: the next loop needs room for two loops' entries."""
-        seqs, steps = flight.seqs, flight.steps
-        if any(seq.finished for seq in seqs) or (self.scheduler.waiting and len(seqs) < self.args.max_num_seqs):
-            return False
-        if any(self.max_model_len - len(seq.token_ids) < 2 * steps for seq in seqs):
-            return False
-        return self.blocks.reserve_ahead([seq.seq_id for seq in seqs], self.decode_loop.entries_bound(2 * steps))
-
-    def _take_tokens(self, seqs: list[Sequence], out: LoopOutput, trim: bool) -> set[Request]:
-        """A finished loop's tokens, sequence by sequence, and its KV lengths; publishes one
-        TickStats per tick. Sequences that ended (or were aborted) before are skipped."""
-        generated = [0] * len(out.tokens)
-        touched: set[Request] = set()
-        rows = zip(seqs, out.lengths.tolist(), out.tokens.T.tolist(), out.depths.T.tolist(), out.logprobs.T.tolist())
-        for seq, lengths, tokens, depths, logprobs in rows:
-            if seq.finished:
-                continue
-            self.blocks.commit_lengths(seq.seq_id, lengths, trim)
-            ticks = [k for k, token in enumerate(tokens) if token != -1]
-            kept = self._append_burst(seq, [tokens[k] for k in ticks], [depths[k] for k in ticks],
-                                      [logprobs[k] for k in ticks])
-            for k in ticks[:kept]:
-                generated[k] += 1
-            if kept:
-                touched.add(seq.request)
-        for k, count in enumerate(generated):
-            self._record(self._loop_tick_stats(out, k, count))
-        return touched
-
-    def _loop_tick_stats(self, out: LoopOutput, k: int, generated: int) -> TickStats:
-        stats = self._stats()
-        stats.depth_occupancy, stats.exits_per_depth = out.occupancy[k].tolist(), out.exits[k].tolist()
-        stats.num_block_tokens = sum(stats.depth_occupancy)
-        stats.num_prologue_tokens = int(out.prologue_tokens[k])
-        stats.num_epilogue_tokens = sum(stats.exits_per_depth)
-        stats.num_generated_tokens = generated
-        stats.num_block_steps = self.model_config.mor.num_recursions if self.decode_loop.depth_sync else 1
-        return stats
-
-    def _take_back(self, seq: Sequence, out: LoopOutput, row: int) -> None:
-        """The loop's final state of a sequence as the engine's own: its token in flight (or none)."""
-        pos, depth = int(out.position[row]), int(out.depth[row])
-        slots = seq.chunk.slots
-        seq.num_computed = pos
-        seq.embedded = max(seq.embedded, pos + (depth != 0))
-        if depth == 0:                       # next token sampled, not in the model yet
-            self.runner.release_slots(slots)
-            seq.chunk = None
-            return
-        target = [int(out.target[row])] if self.model_config.mor.router == "token" else None
-        seq.chunk = Chunk(seq=seq, start=pos, token_ids=[seq.token_ids[pos]], slots=slots, depth=depth,
-                          active=[True], num_active=1, taken=[depth - 1], target_depth=target)
 
     def _in_flight(self) -> list[Chunk]:
         return [s.chunk for s in self.scheduler.running if s.chunk is not None]
@@ -435,8 +303,9 @@ class LLMEngine:
                 req.prompt_logprobs.append(entry)
         touched: set[Request] = set()
         if sample_rows:
-            for (seq, depth), result in zip(sample_seqs, sample(self._rows(logits, sample_rows), sampling)):
-                self._append_token(seq, result, depth)
+            sample_logits = logits if len(sample_rows) == len(logits) else self._rows(logits, sample_rows)
+            for (seq, depth), result in zip(sample_seqs, self._sample(sample_logits, sampling)):
+                self.processor.append_token(seq, result, depth)
                 touched.add(seq.request)
             stats.num_generated_tokens = len(sample_rows)
         return touched
@@ -451,6 +320,23 @@ class LLMEngine:
         if len(seq.prompt_depths) == end:
             self.blocks.cache_prompt(seq.seq_id, req.prompt_token_ids, seq.caps.span(0, end), seq.prompt_depths,
                                      req.router_threshold)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None]:
+        """The sampler; a batch of plain rows (sampler.is_plain) takes the decode loop's tail."""
+        if not all(is_plain(row.params, row.banned) for row in rows):
+            return sample(logits, rows)
+        dev = logits.device
+        temperatures = torch.tensor([row.params.temperature for row in rows], dtype=torch.float32, device=dev)
+        seeds = torch.tensor([as_int64(row.seed) for row in rows], device=dev)
+        positions = torch.tensor([row.position for row in rows], device=dev)
+        tokens, logprobs, valid = plain_tail(logits, temperatures, seeds, positions,
+                                             any(not row.params.greedy for row in rows))
+        out: list[Sampled | None] = []
+        for row, token, logprob, ok in zip(rows, tokens.tolist(), logprobs.tolist(), valid.tolist()):
+            top = {token: logprob} if row.params.logprobs == 0 else None
+            out.append(Sampled(token, logprob, top) if ok else None)
+        return out
 
     @staticmethod
     def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -474,147 +360,6 @@ class LLMEngine:
         banned = self._banned_ids(params) if len(seq.output_ids) < params.min_tokens else []
         return SamplingRow(params, seq.request.prompt_token_ids, seq.output_ids, banned, seq.seed,
                            len(seq.token_ids))
-
-    def _append_token(self, seq: Sequence, result: Sampled | None, depth: int) -> None:
-        if result is None:      # nothing left to sample (non-finite logits): fail this sequence only
-            logger.error("request %s: no finite logit to sample from; aborting its sequence %d",
-                         seq.request.request_id, seq.index)
-            self._finish(seq, "abort", None)
-        else:
-            seq.token_ids.append(result.token)
-            seq.depths.append(depth)
-            seq.cumulative_logprob += result.logprob
-            if result.top is not None:
-                seq.logprobs.append(result.top)
-            self._check_stop(seq, result.token)
-        self._retire_if_finished(seq)
-
-    def _append_burst(self, seq: Sequence, tokens: list[int], depths: list[int], logprobs: list[float]) -> int:
-        """The decode loop's tokens for one sequence, in order, up to its first stop (EOS, a stop
-        token id, max_tokens, the context), with the stop rules of _check_stop; the rest are
-        dropped. Stop strings need the text after every token: those go one by one. A -2 marks a
-        row that had no finite logit: the sequence fails there. Returns how many tokens were kept."""
-        params = seq.request.params
-        with_top = params.logprobs == 0
-        failed = next((i for i, token in enumerate(tokens) if token < 0), None)
-        if failed is not None:
-            tokens, depths, logprobs = tokens[:failed], depths[:failed], logprobs[:failed]
-        if params.stop:
-            kept = 0
-            for token, depth, logprob in zip(tokens, depths, logprobs):
-                if seq.finished:
-                    break
-                self._append_token(seq, Sampled(token, logprob, {token: logprob} if with_top else None), depth)
-                kept += 1
-        else:
-            kept = self._append_checked(seq, tokens, depths, logprobs, with_top)
-        if failed is not None and not seq.finished:
-            self._append_token(seq, None, 0)
-        return kept
-
-    def _append_checked(self, seq: Sequence, tokens: list[int], depths: list[int], logprobs: list[float],
-                        with_top: bool) -> int:
-        """Append tokens up to the first that ends the output (the rules of _check_stop without
-        stop strings), at once."""
-        params = seq.request.params
-        n_out, total = len(seq.output_ids), len(seq.token_ids)
-        kept, end = len(tokens), None
-        for i, token in enumerate(tokens, 1):
-            end = self._token_end(params, token, n_out + i, total + i)
-            if end is not None:
-                kept = i
-                break
-        seq.token_ids.extend(tokens[:kept])
-        seq.depths.extend(depths[:kept])
-        seq.cumulative_logprob += sum(logprobs[:kept])
-        if with_top:
-            seq.logprobs.extend({t: lp} for t, lp in zip(tokens[:kept], logprobs[:kept]))
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
-        if end is not None:
-            self._finish(seq, *end)
-        self._retire_if_finished(seq)
-        return kept
-
-    def _retire_if_finished(self, seq: Sequence) -> None:
-        if seq.finished:
-            self.scheduler.remove(seq)
-            if seq.request.finished:
-                self.requests.pop(seq.request.request_id, None)
-
-    def _token_end(self, params: SamplingParams, token: int, n_out: int, total: int,
-                   stop_strings: Callable[[], str | None] | None = None) -> tuple[str, int | str | None] | None:
-        """(finish reason, stop reason) if `token`, making the output n_out and the sequence
-        `total` tokens long, ends it: EOS, a stop token id, a stop string (found by
-        `stop_strings`), all once min_tokens are out; then max_tokens or the context."""
-        if n_out >= params.min_tokens:
-            if token in self.eos_ids and not params.ignore_eos:
-                return "stop", None
-            if token in params.stop_token_ids:
-                return "stop", token
-            found = stop_strings() if stop_strings is not None else None
-            if found is not None:
-                return "stop", found
-        if n_out >= params.max_tokens or total >= self.max_model_len:
-            return "length", None
-        return None
-
-    @staticmethod
-    def _finish(seq: Sequence, reason: str, stop: int | str | None) -> None:
-        seq.status = SeqStatus.FINISHED
-        seq.finish_reason, seq.stop_reason = reason, stop
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.request.params
-        prev_len = len(seq.text)
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
-
-        def stop_string() -> str | None:
-            for s in params.stop:
-                at = seq.text.find(s, max(0, prev_len - len(s) + 1))
-                if at >= 0:
-                    seq.text = seq.text[: at + len(s) if params.include_stop_str_in_output else at]
-                    return s
-            return None
-
-        end = self._token_end(params, token, len(seq.output_ids), len(seq.token_ids), stop_string)
-        if end is not None:
-            self._finish(seq, *end)
-
-    def _record(self, stats: TickStats) -> None:
-        stats.kv_blocks_used = dict(enumerate(self.blocks.blocks_used_per_stage()))
-        stats.kv_usage = self.blocks.usage()
-        stats.num_running = self.num_running
-        stats.num_waiting = self.num_waiting
-        stats.num_preemptions = self.scheduler.num_preemptions
-        stats.depth_cap = self.depth_policy.cap
-        if self.blocks.prefix is not None:
-            stats.prefix_cache_queries, stats.prefix_cache_hits = self.blocks.prefix.queries, self.blocks.prefix.hits
-        for d, occ in enumerate(stats.depth_occupancy):
-            self.total_depth_token_ticks[d] += occ
-        self.last_tick = stats
-        for listener in self.tick_listeners:
-            listener(stats)
-
-    def _outputs(self, touched: set[Request]) -> list[RequestOutput]:
-        return [self._output(req) for req in touched if req.finished or req.params.output_kind == "cumulative"]
-
-    def _output(self, req: Request) -> RequestOutput:
-        outs = []
-        for seq in req.seqs:
-            text = seq.text
-            if not seq.finished and text.endswith("\ufffd"):
-                text = text.rstrip("\ufffd")       # hold back an incomplete UTF-8 character
-            outs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(seq.output_ids), depths=list(seq.depths),
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.logprobs) if req.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
-                             prompt_token_ids=list(req.prompt_token_ids), outputs=outs,
-                             prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
-                             finished=req.finished, num_preemptions=req.num_preemptions)
 
     def check_no_leak(self) -> bool:
         """True when nothing is in flight and every KV page and pool row is free."""

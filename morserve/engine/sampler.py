@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import kernels
 from morserve.engine.outputs import TokenLogprobs
 from morserve.engine.sampling_params import SamplingParams
 
@@ -146,6 +147,30 @@ def _draw(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     seeds = torch.tensor([as_int64(r.seed) for r in rows], device=x.device)
     positions = torch.tensor([r.position for r in rows], device=x.device)
     return draw(probs, counter_uniform(seeds, positions))
+
+
+def is_plain(params: SamplingParams, banned: list[int]) -> bool:
+    """Greedy or plain temperature sampling: no penalties, bans, truncation or top-N logprobs, so
+    `plain_tail` computes the row's token exactly as `sample` does."""
+    return (not banned and params.top_k <= 0 and params.top_p >= 1.0 and params.min_p <= 0
+            and params.logprobs in (None, 0) and params.repetition_penalty == 1.0
+            and not params.presence_penalty and not params.frequency_penalty)
+
+
+def plain_tail(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+               sampling: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampler for plain rows (`is_plain`) as fixed-shape device work, with no host sync:
+    logits [B, V] -> (token int64 [B], its log-probability float32 [B], whether the row has a
+    finite logit [B]). Greedy rows take the fused argmax tail (kernels.lm_head_tail); with
+    `sampling`, rows of temperature > 0 draw by the counter-based inverse CDF of `sample`."""
+    token, logprob, valid = kernels.lm_head_tail(logits)
+    if sampling:
+        x = logits.float()
+        drawn = draw(torch.softmax(scale_logits(x, temperatures), dim=-1), counter_uniform(seeds, positions))
+        drawn_logprob = torch.log_softmax(x, dim=-1).gather(1, drawn[:, None]).squeeze(1)
+        hot = temperatures > 0
+        token, logprob = torch.where(hot, drawn, token), torch.where(hot, drawn_logprob, logprob)
+    return token, logprob, valid
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from morserve.config import ModelConfig
 from morserve.model.layers import DecoderLayer, RMSNorm, rope_cos_sin
-from morserve.model.routing import Router
+from morserve.model.routing import routing_for
 
 
 class MoRModel(nn.Module):
@@ -28,13 +28,8 @@ class MoRModel(nn.Module):
         self.epilogue = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_epilogue_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(d, config.vocab_size, bias=False)
-        mor = config.mor
-        self.routers = None
-        self.router = None
-        if mor.router == "expert":
-            self.routers = nn.ModuleList(Router(d, 1, mor.router_type) for _ in range(mor.num_recursions))
-        elif mor.router == "token":
-            self.router = Router(d, mor.num_recursions, mor.router_type)
+        self.routing = routing_for(config.mor)
+        self.routers, self.router = self.routing.modules(d)
 
     @property
     def num_recursions(self) -> int:
@@ -59,8 +54,11 @@ class MoRModel(nn.Module):
         return self.routers[recursion - 1](h / self.config.mor.temp).squeeze(-1)
 
     def expert_router_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Raw scores of every expert router on h [..., d] -> [..., Nr] (column r-1 = router r)."""
+        """Raw scores of every expert router on h [..., d] -> [..., Nr] (column r-1 = router r); linear
+        routers as one GEMM over their stacked weights."""
         scaled = h / self.config.mor.temp
+        if self.config.mor.router_type == "linear":
+            return scaled @ torch.cat([router.router.weight for router in self.routers]).t()
         return torch.cat([router(scaled) for router in self.routers], dim=-1)
 
     def token_router_logits(self, h: torch.Tensor) -> torch.Tensor:

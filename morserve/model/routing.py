@@ -100,3 +100,103 @@ def token_choice(logits: torch.Tensor, cfg: MoRConfig, bias: torch.Tensor | None
     choice = scores.argmax(dim=-1)
     weight = cfg.alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return choice + 1, weight
+
+
+class Routing:
+    """How one router kind moves a flat batch of tokens through the recursions (one object per kind,
+    from `routing_for`). No router: every token takes every recursion and the block output
+    replaces the residual stream.
+
+    Per-token state kept between passes, in pool rows the caller owns: `score` (float32, expert and
+    token choice) and, for token choice, `entry` (the hidden state at entry to the recursions) and
+    `target` (the chosen depth, a per-token integer the caller keeps with the token's metadata)."""
+
+    kind: str | None = None
+    keeps_score = False            # one float32 per token: see the subclasses
+    keeps_entry = False            # the token's hidden state after the prologue
+    chooses_depth = False          # the depth is fixed at entry (target)
+
+    def __init__(self, cfg: MoRConfig) -> None:
+        self.cfg = cfg
+        self._bias: dict[torch.device, torch.Tensor] = {}
+
+    def modules(self, hidden_size: int) -> tuple[nn.ModuleList | None, Router | None]:
+        """The router modules a model of this kind holds: (routers, router)."""
+        return None, None
+
+    def bias(self, device: torch.device) -> torch.Tensor:
+        """cfg.router_bias (zeros if unset) as a float32 tensor on `device`, made once (CUDA-graph
+        capture must not copy from the host: the warm-up run before it makes the tensor)."""
+        if device not in self._bias:
+            bias = self.cfg.router_bias or [0.0] * self.cfg.num_recursions
+            self._bias[device] = torch.tensor(bias, dtype=torch.float32, device=device)
+        return self._bias[device]
+
+    def enter(self, model: nn.Module, h: torch.Tensor,
+              cap: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """At entry to the recursions (h = prologue output [T, d]; cap [T]: each token's request
+        depth cap, Nr if None): (target depth [T] or None, score [T] float32 or None)."""
+        return None, None
+
+    def update(self, model: nn.Module, h: torch.Tensor, x: torch.Tensor, depth: torch.Tensor,
+               target: torch.Tensor, entry: torch.Tensor | None, score: torch.Tensor | None,
+               cap: torch.Tensor | None = None,
+               threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """After one pass of the block (h its input, x its output, depth [T] the recursion just
+        taken; cap / threshold [T]: the tokens' request overrides, engine/depth.py; None: the
+        config's): (new residual stream [T, d], continue [T] bool, new score or None)."""
+        return x, depth < (self.cfg.num_recursions if cap is None else cap), None
+
+
+class ExpertRouting(Routing):
+    """Expert choice. `score` is the raw score of the router of the token's next recursion on its
+    current hidden state: the gate of that recursion and, from recursion 2 on, the decision to take
+    it. Every router is evaluated once per pass, all in one GEMM (model.expert_router_logits)."""
+
+    kind = "expert"
+    keeps_score = True
+
+    def modules(self, hidden_size: int) -> tuple[nn.ModuleList | None, Router | None]:
+        cfg = self.cfg
+        return nn.ModuleList(Router(hidden_size, 1, cfg.router_type) for _ in range(cfg.num_recursions)), None
+
+    def enter(self, model, h, cap=None):
+        return None, model.expert_router_logit(1, h).float()
+
+    def update(self, model, h, x, depth, target, entry, score, cap=None, threshold=None):
+        cfg = self.cfg
+        new_h = h + expert_gate(score, cfg)[:, None].to(h.dtype) * x
+        following = depth.clamp(max=cfg.num_recursions - 1)[:, None]        # 0-based index of router d+1
+        raw = model.expert_router_logits(new_h).gather(1, following).squeeze(1).float()
+        takes = expert_takes(raw, cfg, following.squeeze(1) + 1, self.bias(raw.device), threshold)
+        cont = (depth < (cfg.num_recursions if cap is None else cap)) & takes
+        return new_h, cont, raw
+
+
+class TokenRouting(Routing):
+    """Token choice: the router picks the depth after the prologue; `score` is the gate weight of
+    the final recursion, which adds the block output to the entry state."""
+
+    kind = "token"
+    keeps_score = keeps_entry = chooses_depth = True
+
+    def modules(self, hidden_size: int) -> tuple[nn.ModuleList | None, Router | None]:
+        return None, Router(hidden_size, self.cfg.num_recursions, self.cfg.router_type)
+
+    def enter(self, model, h, cap=None):
+        logits = model.token_router_logits(h)
+        depth, weight = token_choice(logits, self.cfg, self.bias(logits.device) if self.cfg.router_bias else None,
+                                     cap)
+        return depth, weight.float()
+
+    def update(self, model, h, x, depth, target, entry, score, cap=None, threshold=None):     # target <= cap
+        final = (target == depth)[:, None]
+        return torch.where(final, entry + score[:, None].to(h.dtype) * x, x), target > depth, score
+
+
+_KINDS = {None: Routing, "expert": ExpertRouting, "token": TokenRouting}
+
+
+def routing_for(cfg: MoRConfig) -> Routing:
+    """The routing object of the config's router kind (None, "expert" or "token")."""
+    return _KINDS[cfg.router](cfg)
