@@ -308,8 +308,11 @@ def test_engine_on_interpreted_kernels_matches_reference(router, kv_mode, monkey
     from morserve.engine import EngineArgs, LLMEngine, SamplingParams
     from morserve.engine.cuda_graphs import graph_sizes
 
+    import kernels.attention as attention
+
     for op in kernels.__all__:
         monkeypatch.setattr(kernels, op, getattr(tri, op))
+    monkeypatch.setattr(attention, "MAX_SPLITS", 2)  # split-KV on, without 16 interpreted programs per tile
     model = tiny_model(router, kv_mode, 2, seed=int(torch.randint(0, 1 << 30, (1,))))
     engine = LLMEngine(model, None, EngineArgs(model=model, max_num_batched_tokens=16, block_size=4,
                                                 num_kv_blocks=400, max_num_seqs=4, num_scheduler_steps=3))
