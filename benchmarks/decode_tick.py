@@ -119,8 +119,8 @@ def time_loop_tick(engine: LLMEngine, repeats: int) -> float:
     """Seconds per decode-loop tick replayed alone (state keeps advancing; the engine is thrown
     away afterwards): a whole decode tick as one device program, no host work in between."""
     loop = engine.decode_loop
-    graph = loop.graphs.get(loop.sampling)
-    run = graph.replay if graph is not None else (lambda: loop._tick(loop.sampling))
+    graph = loop.graphs.get((loop.sampling, loop.rows))
+    run = graph.replay if graph is not None else (lambda: loop._tick(loop.sampling, loop.rows))
     with torch.inference_mode():
         synchronize(engine.runner.device)
         start = time.perf_counter()

@@ -11,8 +11,10 @@ Models: the 360M layer structure (vanilla-34: 34 layers; MoR-4: 1 + 8 shared x 4
 choice) at tiny widths (the count per layer does not depend on widths), random weights, float32,
 B = 16 greedy sequences of 8-token prompts. After every sequence is decoding, launches and ticks
 are counted over a window of engine steps, for the per-tick path (num_scheduler_steps = 1) and
-the multi-step decode loop (num_scheduler_steps = --loop-steps). A tick is one published
-TickStats with work; launches per token = launches / tokens generated in the window.
+the multi-step decode loop (num_scheduler_steps = --loop-steps; the window starts once a step
+publishes a whole loop's ticks, i.e. loops are chained and each step launches one loop and
+publishes the previous one). A tick is one published TickStats with work; launches per token =
+launches / tokens generated in the window.
 
     python benchmarks/kernel_count.py                  # the table (and --json for one object per row)
     python benchmarks/kernel_count.py --top 12         # where the launches of a tick come from
@@ -127,8 +129,13 @@ def count(spec: ModelSpec, loop_steps: int, batch: int = 16, window: int = 32, s
         with counter:
             while not decoding[0]:
                 engine.step()                                   # prefill
-            for _ in range(2 * cfg.mor.num_recursions if loop_steps == 1 else 2):
+            for _ in range(2 * cfg.mor.num_recursions):
                 engine.step()                                   # every depth of the block occupied
+            if loop_steps > 1:       # until loops are chained: each step launches one, publishes one
+                before = ticks[0]
+                while ticks[0] - before < loop_steps:
+                    before = ticks[0]
+                    engine.step()
             ticks[0] = tokens[0] = 0
             counter.enabled = True
             while ticks[0] < window:

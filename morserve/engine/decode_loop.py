@@ -5,7 +5,7 @@ flight, nothing admissible waiting, no penalties, bans, truncation or top-N logp
 hands K ticks to this loop. The state of
 each sequence's token in flight (token id, position, recursion depth, pool slot, per-stage KV
 lengths, block tables) lives in device tensors with one row per sequence, and one tick is the
-engine's tick (the phases of tick.py, the same functions the per-tick runner calls) over all
+engine's tick (the phases of tick.py, the same functions the per-tick runner calls) over the loaded
 rows, with masks instead of Python bookkeeping:
 1. `TickPhases.prologue` for rows whose sampled token has not entered the model yet (depth 0);
 2. `TickPhases.block` over the rows in the block, at mixed depths (depth-synchronous batching:
@@ -14,8 +14,9 @@ rows, with masks instead of Python bookkeeping:
 3. `TickPhases.epilogue` and `sampler.plain_tail` for the rows that left the block; their next
    token is recorded in the tick's output row and enters the prologue in the next tick.
 Rows that take no part in a phase point at the pool's scratch row and write no K/V, so every tick
-has the same shapes: on CUDA the tick is captured once as a CUDA graph (cuda_graphs.capture_graph)
-and replayed K times.
+has the same shapes: on CUDA the tick over the loaded rows, padded to a bucket size, is captured
+once as a CUDA graph (cuda_graphs.capture_graph) and replayed K times; on the CPU it runs over the
+loaded rows alone.
 Before the loop the host reserves pages for K more entries per stage; after it, the host reads the
 K ticks' tokens at once, applies stop conditions in order and takes the state back.
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from morserve.engine.cuda_graphs import capture_graph
+from morserve.engine.cuda_graphs import capture_graph, graph_sizes
 from morserve.engine.sampler import as_int64, plain_tail
 from morserve.engine.sequence import Chunk, Sequence
 from morserve.engine.tick import DEPTH, ENTRY, GROUP, KV_LEN, NUM_FIELDS, POSITION, SLOT, TARGET
@@ -86,7 +87,7 @@ class DecodeLoop:
             self.live = torch.zeros(max_seqs, dtype=torch.bool, device=dev)
             self.lengths = torch.zeros(max_seqs, stages, **long)
             self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
-            self.rows = torch.arange(max_seqs, **long)
+            self.row_ids = torch.arange(max_seqs, **long)
             self.step = torch.zeros(1, **long)
             self.out_tokens = torch.zeros(max_steps, max_seqs, **long)
             self.out_depths = torch.zeros(max_steps, max_seqs, **long)
@@ -111,7 +112,9 @@ class DecodeLoop:
                           for _ in range(2)]
         self._next_buffer = 0
         self.sampling = False          # some row draws at random: the tick computes the draw
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}      # one captured tick per `sampling`
+        self.rows = 0                  # rows the tick runs over: the loaded ones (padded on CUDA)
+        self.row_sizes = graph_sizes(max_seqs)
+        self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}   # one captured tick per (sampling, rows)
 
     # ---- host side ----------------------------------------------------------------------------
     def entries_bound(self, ticks: int) -> list[int]:
@@ -149,6 +152,7 @@ class DecodeLoop:
         # every token a row computes in the loop routes with its sequence's current overrides
         self.phases.set_routing(torch.tensor([seq.chunk.slots[0] for seq in seqs], dtype=torch.long).to(self.slot.device),
                                 [seq.caps.current for seq in seqs], [seq.request.router_threshold for seq in seqs])
+        self.rows = next(size for size in self.row_sizes if size >= n) if self.capture else n
         self.refresh_tables(seqs)
         with torch.inference_mode():
             device_fields = self._fields_pinned.to(self.token.device, non_blocking=True)
@@ -184,14 +188,15 @@ class DecodeLoop:
         pinned host buffers; returns at once on CUDA (collect() waits)."""
         with torch.inference_mode():
             self.step.zero_()
-            if self.capture and self.sampling not in self.graphs:
-                self._capture(self.sampling)
-            graph = self.graphs.get(self.sampling)
+            key = (self.sampling, self.rows)
+            if self.capture and key not in self.graphs:
+                self._capture(*key)
+            graph = self.graphs.get(key)
             for _ in range(steps):
                 if graph is not None:
                     graph.replay()
                 else:
-                    self._tick(self.sampling)
+                    self._tick(*key)
             buffer = self._readback[self._next_buffer]
             self._next_buffer ^= 1
             for name in _STEP_OUTPUTS:
@@ -216,12 +221,12 @@ class DecodeLoop:
                           depth=per_row("depth"), position=per_row("position"), target=per_row("target"),
                           lengths=per_row("lengths"))
 
-    def _capture(self, sampling: bool) -> None:
-        """Capture one tick. Warm-up and capture run with every row inert (live = False), so they
-        touch only the scratch row; the live mask is restored afterwards."""
+    def _capture(self, sampling: bool, rows: int) -> None:
+        """Capture one tick over `rows` rows. Warm-up and capture run with every row inert (live =
+        False), so they touch only the scratch row; the live mask is restored afterwards."""
         live = self.live.clone()
         self.live.zero_()
-        self.graphs[sampling], _ = capture_graph(lambda: self._tick(sampling))
+        self.graphs[(sampling, rows)], _ = capture_graph(lambda: self._tick(sampling, rows))
         self.live.copy_(live)
         self.step.zero_()
 
@@ -229,32 +234,38 @@ class DecodeLoop:
     def _record(self, out: torch.Tensor, values: torch.Tensor) -> None:
         out.index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
 
-    def _tick(self, sampling: bool) -> None:
+    def _tick(self, sampling: bool, rows: int) -> None:
+        """One tick over state rows 0..rows-1 (the rows past the loaded ones are inert)."""
         phases, nr, scratch = self.phases, self.mor.num_recursions, self.phases.scratch
-        cos, sin = phases.rope(self.position)                     # every phase of the tick: same rows
-        stage0 = self.tables[:, 0]
+        token, position, depth_state, target_state = (t[:rows] for t in (self.token, self.position, self.depth,
+                                                                         self.target))
+        slot, live, lengths, tables, row_ids = (t[:rows] for t in (self.slot, self.live, self.lengths, self.tables,
+                                                                   self.row_ids))
+        record = lambda out, values: out[:, :rows].index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
+        cos, sin = phases.rope(position)                     # every phase of the tick: same rows
+        stage0 = tables[:, 0]
 
-        fresh = self.live & (self.depth == 0)
-        attends = phases.stage0_attention(stage0, self.rows, self.position, phases.prologue_columns, fresh)
-        target = phases.prologue(self.token, torch.where(fresh, self.slot, scratch), attends, cos, sin)
+        fresh = live & (depth_state == 0)
+        attends = phases.stage0_attention(stage0, row_ids, position, phases.prologue_columns, fresh)
+        target = phases.prologue(token, torch.where(fresh, slot, scratch), attends, cos, sin)
         if target is not None:
-            self.target.copy_(torch.where(fresh, target, self.target))
-        self.lengths[:, 0].copy_(torch.where(fresh, self.position + 1, self.lengths[:, 0]))
+            target_state.copy_(torch.where(fresh, target, target_state))
+        lengths[:, 0].copy_(torch.where(fresh, position + 1, lengths[:, 0]))
         self._record(self.out_prologue, fresh.sum())
 
-        depth = torch.where(fresh, 1, self.depth)
+        depth = torch.where(fresh, 1, depth_state)
         exit_depth = torch.zeros_like(depth)
         counts = torch.zeros(2, nr, dtype=torch.long, device=depth.device)
         for _ in range(nr if self.depth_sync else 1):
-            active = self.live & (depth >= 1)
+            active = live & (depth >= 1)
             d = depth.clamp(1, nr)
-            stage, entry, kv_len, writes = self.stages.device_fields(d, active, self.position, self.lengths)
+            stage, entry, kv_len, writes = self.stages.device_fields(d, active, position, lengths)
             fields = [None] * NUM_FIELDS
-            fields[SLOT], fields[POSITION], fields[GROUP] = torch.where(active, self.slot, scratch), self.position, self.rows
+            fields[SLOT], fields[POSITION], fields[GROUP] = torch.where(active, slot, scratch), position, row_ids
             fields[ENTRY], fields[KV_LEN] = entry, kv_len
-            fields[DEPTH], fields[TARGET] = torch.where(active, d, nr), self.target
-            cont, step_counts = phases.block(torch.stack(fields), self.tables[self.rows, stage])
-            self.lengths.scatter_add_(1, stage[:, None], writes.long()[:, None])
+            fields[DEPTH], fields[TARGET] = torch.where(active, d, nr), target_state
+            cont, step_counts = phases.block(torch.stack(fields), tables[row_ids, stage])
+            lengths.scatter_add_(1, stage[:, None], writes.long()[:, None])
             counts += step_counts
             left = active & ~cont
             exit_depth = torch.where(left, d, exit_depth)
@@ -263,13 +274,13 @@ class DecodeLoop:
         self._record(self.out_exits, counts[1])
 
         left = depth == -1
-        attends = phases.stage0_attention(stage0, self.rows, self.position, phases.epilogue_columns, left)
-        logits = phases.epilogue(torch.where(left, self.slot, scratch), attends, cos, sin)
-        token, logprob, valid = plain_tail(logits, self.temperature, self.seed, self.position + 1, sampling)
-        self._record(self.out_tokens, torch.where(left, torch.where(valid, token, -2), -1))   # -2: the host fails the row
-        self._record(self.out_depths, exit_depth)
-        self._record(self.out_logprobs, logprob)
-        self.token.copy_(torch.where(left, token, self.token))
-        self.position.copy_(torch.where(left, self.position + 1, self.position))
-        self.depth.copy_(torch.where(left, 0, depth))
+        attends = phases.stage0_attention(stage0, row_ids, position, phases.epilogue_columns, left)
+        logits = phases.epilogue(torch.where(left, slot, scratch), attends, cos, sin)
+        new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], position + 1, sampling)
+        record(self.out_tokens, torch.where(left, torch.where(valid, new, -2), -1))   # -2: the host fails the row
+        record(self.out_depths, exit_depth)
+        record(self.out_logprobs, logprob)
+        token.copy_(torch.where(left, new, token))
+        position.copy_(torch.where(left, position + 1, position))
+        depth_state.copy_(torch.where(left, 0, depth))
         self.step += 1
