@@ -44,10 +44,10 @@ def _near_tie_token(logits: torch.Tensor) -> bool:
     return float(top[0] - top[1]) < TIE_TOL
 
 
-def _near_tie_depth(model: MoRModel, ref, pos: int) -> bool:
+def _near_tie_depth(model: MoRModel, ref, pos: int, router_threshold: float | None = None) -> bool:
     mor = model.config.mor
     if mor.router == "expert":
-        thr = mor.routing_threshold
+        thr = mor.routing_threshold if router_threshold is None else router_threshold
         bias = mor.router_bias or [0.0] * mor.num_recursions
         acts = [torch.sigmoid(r[pos].float() + b) if mor.router_func == "sigmoid" else torch.tanh(r[pos].float() + b)
                 for r, b in zip(ref.router_logits[1:], bias[1:])]
@@ -58,14 +58,15 @@ def _near_tie_depth(model: MoRModel, ref, pos: int) -> bool:
 
 
 def check_against_reference(model: MoRModel, prompt: list[int], out_tokens: list[int],
-                            out_depths: list[int]) -> int:
-    """Teacher-forced comparison of greedy tokens and depths with the dense reference forward.
-    Returns how many positions differed only at a numerical near-tie (the test bounds this);
-    any other difference fails."""
+                            out_depths: list[int], max_depth: int | None = None,
+                            router_threshold: float | None = None) -> int:
+    """Teacher-forced comparison of greedy tokens and depths with the dense reference forward
+    (with the request's depth overrides, if any). Returns how many positions differed only at a
+    numerical near-tie (the test bounds this); any other difference fails."""
     assert len(out_tokens) == len(out_depths)
     full = torch.tensor(prompt + out_tokens)
     with torch.no_grad():
-        ref = reference_forward(model, full)
+        ref = reference_forward(model, full, max_depth=max_depth, router_threshold=router_threshold)
     ties = 0
     p = len(prompt)
     for i, (tok, depth) in enumerate(zip(out_tokens, out_depths)):
@@ -75,6 +76,6 @@ def check_against_reference(model: MoRModel, prompt: list[int], out_tokens: list
             assert _near_tie_token(ref.logits[pos]), f"token {i}: engine {tok}, reference {want}"
             ties += 1
         if depth != int(ref.depths[pos]):
-            assert _near_tie_depth(model, ref, pos), f"depth {i}: engine {depth}, reference {int(ref.depths[pos])}"
+            assert _near_tie_depth(model, ref, pos, router_threshold), f"depth {i}: engine {depth}, reference {int(ref.depths[pos])}"
             ties += 1
     return ties

@@ -35,7 +35,7 @@ FINISH_REASONS = ("stop", "length", "abort")
 # our name -> the extra names it is also exported under (vLLM's deprecated spellings)
 SYNONYMS = {"kv_cache_usage_perc": ("gpu_cache_usage_perc",),
             "inter_token_latency_seconds": ("time_per_output_token_seconds",)}
-MOR_ONLY = ("depth_occupancy", "depth_token_ticks", "exit_depth", "kv_blocks_used")
+MOR_ONLY = ("depth_occupancy", "depth_token_ticks", "exit_depth", "kv_blocks_used", "depth_policy_cap")
 
 
 class _Aliases(Collector):
@@ -102,6 +102,10 @@ class ServerMetrics:
                                            TOKEN_COUNT_BUCKETS)
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens entering the model per tick.",
                                           ITERATION_TOKEN_BUCKETS)
+        self.prefix_queries = add(Counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = add(Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self._prefix_seen = (0, 0)
+        self.depth_cap = add(Gauge, "depth_policy_cap", "Depth cap of requests that allow depth reduction.")
         self.cache_info: Gauge | None = None
         depth = ("depth",)
         self.depth_occupancy = add(Gauge, "depth_occupancy", "Tokens at each recursion depth in the last tick.",
@@ -150,6 +154,11 @@ class ServerMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.labels(m).inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+        self.depth_cap.labels(m).set(stats.depth_cap)
+        queries, hits = self._prefix_seen
+        self.prefix_queries.labels(m).inc(stats.prefix_cache_queries - queries)
+        self.prefix_hits.labels(m).inc(stats.prefix_cache_hits - hits)
+        self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
         self.generation_tokens.labels(m).inc(stats.num_generated_tokens)
         if stats.num_prologue_tokens:
             self.iteration_tokens.labels(m).observe(stats.num_prologue_tokens)
@@ -231,5 +240,5 @@ def cache_config(engine) -> dict[str, str]:
     dtype = next(core.model.parameters()).dtype
     return {"block_size": str(core.args.block_size), "num_gpu_blocks": str(core.blocks.num_pages),
             "cache_dtype": str(dtype).removeprefix("torch."),
-            "gpu_memory_utilization": str(core.args.gpu_memory_utilization), "enable_prefix_caching": "False",
+            "gpu_memory_utilization": str(core.args.gpu_memory_utilization), "enable_prefix_caching": str(core.args.enable_prefix_caching),
             "kv_mode": core.model_config.mor.kv_mode, "num_kv_stages": str(len(core.blocks.blocks_used_per_stage()))}

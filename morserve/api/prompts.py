@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from morserve.api.errors import APIError
 from morserve.engine import AsyncLLMEngine, ParamError, SamplingParams
 from morserve.engine.input_checks import check_request, check_text_length, check_token_ids
+from morserve.engine.depth import check_depth_params
 
 
 @dataclass
@@ -87,7 +88,11 @@ async def completion_prompts(engine: AsyncLLMEngine, prompt: str | list, add_spe
 
 def check_fits(engine: AsyncLLMEngine, prompts: list[EnginePrompt], params: SamplingParams) -> None:
     """The engine's checks of each prompt with these params (context, KV pages, banned tokens,
-    logit_bias ids), as 400s naming the field."""
+    logit_bias ids, depth overrides in the model's range), as 400s naming the field."""
+    try:
+        check_depth_params(params, engine.model_config.mor)
+    except ParamError as exc:
+        raise _refused(exc) from None
     for p in prompts:
         try:
             check_request(p.token_ids, params, engine.limits)

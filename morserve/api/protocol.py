@@ -4,7 +4,8 @@ checks them again for offline users. vLLM fields morserve does not implement are
 one value that means "off" (`Unsupported`): any other value is a 400 naming the field. Unknown
 fields are ignored, as vLLM does. `return_depths` is morserve's extension:
 `depths[i]` is the recursion depth of the position that produced generated token i (for the
-first token, the last prompt position); docs/api.md lists every field."""
+first token, the last prompt position); `max_depth`, `router_threshold` and
+`allow_depth_reduction` set the request's depth (engine/depth.py); docs/api.md lists every field."""
 
 from __future__ import annotations
 
@@ -183,6 +184,11 @@ class SamplingRequest(RequestModel):
     guided_grammar: str | None = None
     guided_decoding_backend: Literal["xgrammar", "auto"] | None = None
     guided_whitespace_pattern: Unsupported(None) = None
+    max_depth: int | None = Field(None, ge=1, description="cap on the recursions any token takes (1..Nr)")
+    router_threshold: float | None = Field(None, allow_inf_nan=False,
+                                           description="expert-choice routing threshold for this request")
+    allow_depth_reduction: bool = Field(False, description="let the server's adaptive depth policy lower "
+                                                           "this request's depth cap under load")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None,
@@ -207,7 +213,8 @@ class SamplingRequest(RequestModel):
             repetition_penalty=repetition_penalty,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, structured_outputs=structured_outputs,
-            logit_bias=self._logit_bias())
+            logit_bias=self._logit_bias(), max_depth=self.max_depth,
+            router_threshold=self.router_threshold, allow_depth_reduction=self.allow_depth_reduction)
 
     def _logit_bias(self) -> dict[int, float] | None:
         if not self.logit_bias:

@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-scheduler-steps", type=int, default=EngineArgs.num_scheduler_steps,
                    help="engine ticks per step for greedy decoding, run on the device (> 1: higher "
                         "throughput, tokens streamed in bursts of this many)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=EngineArgs.enable_prefix_caching,
+                   help="share the KV blocks of common prompt prefixes between requests")
+    p.add_argument("--depth-policy", choices=["fixed", "adaptive"], default=EngineArgs.depth_policy,
+                   help="adaptive: lower the depth cap of requests with allow_depth_reduction while loaded")
+    p.add_argument("--depth-policy-metric", choices=["queue_time", "kv_usage"], default=EngineArgs.depth_policy_metric,
+                   help="the load the adaptive depth policy watches")
+    p.add_argument("--depth-policy-target", type=float, default=EngineArgs.depth_policy_target,
+                   help="load above which the cap drops (queue_time: seconds; kv_usage: 0..1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=os.environ.get("MORSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $MORSERVE_API_KEY)")
@@ -119,7 +128,9 @@ def engine_args(ns: argparse.Namespace) -> EngineArgs:
                       kv_cache_memory=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
                       block_size=ns.block_size, device=ns.device, dtype=ns.dtype, seed=ns.seed,
                       max_model_len=ns.max_model_len, enforce_eager=ns.enforce_eager,
-                      cuda_graph_max_tokens=ns.cuda_graph_max_tokens, num_scheduler_steps=ns.num_scheduler_steps)
+                      cuda_graph_max_tokens=ns.cuda_graph_max_tokens, num_scheduler_steps=ns.num_scheduler_steps,
+                      enable_prefix_caching=ns.enable_prefix_caching, depth_policy=ns.depth_policy,
+                      depth_policy_metric=ns.depth_policy_metric, depth_policy_target=ns.depth_policy_target)
     args.validate()
     return args
 

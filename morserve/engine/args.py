@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from morserve.engine.depth_policy import DepthPolicy
+
 BATCHING_MODES = ("depthwise", "vanilla")
 
 
@@ -21,7 +23,8 @@ class EngineArgs:
     first use for padded sizes; `enforce_eager` turns that off (vLLM spelling).
     `num_scheduler_steps` > 1 lets greedy decoding run that many ticks per step() with the batch
     state on the device (see decode_loop.py): much less host work per token, tokens arrive in
-    bursts of that many."""
+    bursts of that many. `enable_prefix_caching` shares the KV blocks of common prompt prefixes
+    between requests (vLLM's flag; see prefix_cache.py)."""
 
     model: Any = "morserve-mini-mor3"
     tokenizer: Any = None
@@ -39,6 +42,10 @@ class EngineArgs:
     enforce_eager: bool = False
     cuda_graph_max_tokens: int = 512
     num_scheduler_steps: int = 1
+    enable_prefix_caching: bool = False
+    depth_policy: str = "fixed"
+    depth_policy_metric: str = "queue_time"
+    depth_policy_target: float = 1.0
 
     def validate(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -57,6 +64,7 @@ class EngineArgs:
             raise ValueError(f"num_scheduler_steps must be a positive integer, got {self.num_scheduler_steps!r}")
         if not isinstance(self.cuda_graph_max_tokens, int) or self.cuda_graph_max_tokens < 0:
             raise ValueError(f"cuda_graph_max_tokens must be an integer >= 0, got {self.cuda_graph_max_tokens!r}")
+        DepthPolicy(self.depth_policy, self.depth_policy_metric, self.depth_policy_target, 1)   # raises if bad
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -149,6 +149,9 @@ class DecodeLoop:
                 cache = stage_caches.get((seq.seq_id, stage))
                 lengths[b, stage] = cache.length if cache is not None else 0
         self.sampling = bool(temperatures[:n].any())
+        # every token a row computes in the loop routes with its sequence's current overrides
+        self.phases.set_routing(torch.tensor([seq.chunk.slots[0] for seq in seqs], dtype=torch.long).to(self.slot.device),
+                                [seq.caps.current for seq in seqs], [seq.request.router_threshold for seq in seqs])
         self.rows = next(size for size in self.row_sizes if size >= n) if self.capture else n
         self.refresh_tables(seqs)
         with torch.inference_mode():

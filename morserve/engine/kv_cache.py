@@ -10,6 +10,10 @@ stages with different layer counts share a single free list and memory moves fre
 depths. A logical block of a stage with m layers is m pages (one per layer), so a stage's block
 table is [num_blocks, m] page ids and layer l of the stage reads column l. Tables are numpy arrays
 grown by doubling, so a tick's padded table batch is built by slice copies, not Python loops.
+
+With prefix caching (prefix_cache.py) full prompt blocks are shared between sequences: pages are
+taken through `_take_pages` (which may evict unreferenced cached blocks) and given back through
+`_release_rows` (which keeps cached ones in the LRU); `audit()` checks the page accounting.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 import kernels
+from morserve.engine.prefix_cache import PrefixCache, PrefixHit
 
 
 class OutOfPages(RuntimeError):
@@ -51,7 +56,8 @@ class StageCache:
 class BlockManager:
     """Page allocator and block tables. `layers_per_stage[s]` is the layer count of stage s."""
 
-    def __init__(self, num_pages: int, block_size: int, layers_per_stage: list[int]) -> None:
+    def __init__(self, num_pages: int, block_size: int, layers_per_stage: list[int],
+                 prefix_caching: bool = False) -> None:
         if num_pages < 1 or block_size < 1:
             raise ValueError(f"need num_pages >= 1 and block_size >= 1, got {num_pages}, {block_size}")
         self.num_pages = num_pages
@@ -60,11 +66,16 @@ class BlockManager:
         self.free_pages: list[int] = list(range(num_pages - 1, -1, -1))
         self.tables: dict[tuple[int, int], StageCache] = {}
         self.used_blocks = [0] * len(self.layers_per_stage)      # blocks held, per stage
+        self.prefix = PrefixCache(block_size, len(self.layers_per_stage)) if prefix_caching else None
+        self.copy_pages: Callable[[list[int], list[int]], None] | None = None   # device copy, set by the runner
 
     # ---- accounting ----------------------------------------------------------------------
     @property
     def num_free_pages(self) -> int:
-        return len(self.free_pages)
+        """Free pages, counting those of unreferenced cached blocks (evicted when needed)."""
+        if self.prefix is None:
+            return len(self.free_pages)
+        return len(self.free_pages) + self.prefix.num_evictable_pages
 
     def pages_needed(self, seq_id: int, stage: int, new_entries: int) -> int:
         """Pages that appending `new_entries` entries to (seq, stage) would allocate."""
@@ -93,9 +104,28 @@ class BlockManager:
             cache = self.tables[(seq_id, stage)] = StageCache(self.layers_per_stage[stage])
         return cache
 
+    def _take_pages(self, n: int) -> list[int]:
+        while len(self.free_pages) < n and self.prefix is not None and self.prefix.lru:
+            self.free_pages.extend(self.prefix.evict())
+        return [self.free_pages.pop() for _ in range(n)]
+
     def _add_block(self, cache: StageCache, stage: int) -> None:
-        cache.add_block([self.free_pages.pop() for _ in range(self.layers_per_stage[stage])])
+        cache.add_block(self._take_pages(self.layers_per_stage[stage]))
         self.used_blocks[stage] += 1
+
+    def _release_rows(self, stage: int, rows: np.ndarray) -> None:
+        """A table gives up these blocks ([k, layers] page ids): private ones are freed, cached
+        ones lose a reference. Last blocks first, so that a prefix's tail is evicted first."""
+        if self.prefix is None:
+            self.free_pages.extend(rows.ravel().tolist())
+            self.used_blocks[stage] -= len(rows)
+            return
+        for row in rows[::-1].tolist():
+            released = self.prefix.release(row[0])
+            if released is None:
+                self.free_pages.extend(row)
+            if released is not False:
+                self.used_blocks[stage] -= 1
 
     def append(self, seq_id: int, stage: int, new_entries: int) -> int:
         """Reserve `new_entries` entries at the end of (seq, stage); returns the first entry index."""
@@ -143,8 +173,7 @@ class BlockManager:
                 raise ValueError(f"{length} entries exceed the {cache.num_blocks} blocks of ({seq_id}, {stage})")
             cache.length = length
             if trim and cache.num_blocks > keep:
-                self.free_pages.extend(cache.pages[keep: cache.num_blocks].ravel().tolist())
-                self.used_blocks[stage] -= cache.num_blocks - keep
+                self._release_rows(stage, cache.pages[keep: cache.num_blocks])
                 cache.num_blocks = keep
                 cache.version += 1
 
@@ -166,11 +195,92 @@ class BlockManager:
         for stage in range(len(self.layers_per_stage)):
             cache = self.tables.pop((seq_id, stage), None)
             if cache:
-                self.free_pages.extend(cache.table.ravel().tolist())
-                self.used_blocks[stage] -= cache.num_blocks
+                self._release_rows(stage, cache.table)
 
     def all_free(self) -> bool:
         return self.num_free_pages == self.num_pages and not self.tables
+
+    # ---- prefix caching --------------------------------------------------------------------
+    def attach_prefix(self, seq_id: int, hit: PrefixHit) -> bool:
+        """Give a sequence without pages the cached prefix `hit`: shared blocks referenced, the
+        block the prefix ends inside (per stage) copied into a fresh one, lengths set. False (and
+        nothing done) when the copies do not fit beside the cached blocks the hit revives."""
+        prefix = self.prefix
+        blocks = [b for stage in hit.shared for b in stage] + [b for b in hit.partial if b is not None]
+        revived = sum(len(b.pages) for b in blocks if b.ref == 0)
+        copies = sum(self.layers_per_stage[s] for s, b in enumerate(hit.partial) if b is not None)
+        if copies > self.num_free_pages - revived:
+            return False
+        for stage, blocks in enumerate(hit.shared):
+            cache = self._cache(seq_id, stage)
+            for block in blocks:
+                self.used_blocks[stage] += prefix.acquire(block)
+                cache.add_block(list(block.pages))
+            cache.length = hit.entries[stage]
+        sources = [block for block in hit.partial if block is not None]
+        for block in sources:                  # held while the copies take pages (no eviction)
+            prefix.acquire(block)
+        for stage, block in enumerate(hit.partial):
+            if block is not None:
+                cache = self.tables[(seq_id, stage)]
+                self._add_block(cache, stage)
+                self.copy_pages(list(block.pages), cache.pages[cache.num_blocks - 1].tolist())
+        for block in sources:
+            prefix.release(block.pages[0])
+        return True
+
+    def cache_prompt(self, seq_id: int, tokens: list[int], caps: list[int], depths: list[int],
+                     threshold: float) -> None:
+        """Cache the full blocks of a sequence's first len(depths) prompt positions (computed)."""
+        tables = [self.block_table(seq_id, stage) for stage in range(len(self.layers_per_stage))]
+        self.prefix.register(tokens, caps, depths, threshold, tables)
+
+    def audit(self) -> None:
+        """Raise AssertionError unless every page is exactly one of: free, held by block tables
+        (a private block by one table, a cached block by as many as its ref count), or cached and
+        unreferenced in the LRU; and the per-stage block counts match."""
+        holders: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for (seq_id, stage), cache in self.tables.items():
+            assert cache.length <= cache.num_blocks * self.block_size or not self.layers_per_stage[stage], \
+                f"({seq_id}, {stage}): {cache.length} entries in {cache.num_blocks} blocks"
+            for row in cache.table.tolist():
+                holders.setdefault(tuple(row), []).append((seq_id, stage))
+        cached = self.prefix.by_page if self.prefix is not None else {}
+        owner: dict[int, str] = {}
+
+        def claim(page: int, what: str) -> None:
+            assert page not in owner, f"page {page} is both {owner[page]} and {what}"
+            owner[page] = what
+
+        used = [0] * len(self.layers_per_stage)
+        for pages, who in holders.items():
+            block = cached.get(pages[0])
+            if block is None:
+                assert len(who) == 1, f"private pages {pages} are held by {who}"
+            else:
+                assert block.pages == pages, f"table row {pages} overlaps cached block {block.pages}"
+                assert block.ref == len(who), f"cached block {pages}: ref {block.ref}, held by {who}"
+            used[who[0][1]] += 1
+            for page in pages:
+                claim(page, f"held by {who}")
+        for block in cached.values():
+            if block.ref == 0:
+                assert block.pages[0] in self.prefix.lru, f"unreferenced cached block {block.pages} not in the LRU"
+                for page in block.pages:
+                    claim(page, "cached (unreferenced)")
+            else:
+                assert block.pages in holders, f"cached block {block.pages} has ref {block.ref} but no holder"
+                assert block.pages[0] not in self.prefix.lru, f"referenced block {block.pages} is in the LRU"
+        if self.prefix is not None:
+            assert len(self.prefix.lru) == sum(b.ref == 0 for b in cached.values()), "LRU holds stale blocks"
+            keyed = list(self.prefix.blocks.items()) + [(k, b) for k, (b, _) in self.prefix.tails.items()]
+            assert all(cached.get(b.pages[0]) is b and key in b.keys for key, b in keyed), "a key's block is not cached"
+            assert sum(len(b.keys) for b in cached.values()) == len(keyed), "a cached block has a stale key"
+        for page in self.free_pages:
+            claim(page, "free")
+        assert sorted(owner) == list(range(self.num_pages)), \
+            f"{self.num_pages - len(owner)} pages leaked (neither free, held nor cached)"
+        assert used == self.used_blocks, f"blocks per stage {self.used_blocks}, tables hold {used}"
 
 
 class PagedKVCache:
@@ -183,6 +293,12 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.scale = head_dim ** -0.5
+
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V of pages `src` into pages `dst` (a prefix-cache copy-on-write)."""
+        src_t, dst_t = torch.tensor(src, device=self.k.device), torch.tensor(dst, device=self.k.device)
+        self.k.index_copy_(0, dst_t, self.k.index_select(0, src_t))
+        self.v.index_copy_(0, dst_t, self.v.index_select(0, src_t))
 
     def attend_fns(self, tables: torch.Tensor, rows: torch.Tensor, entries: torch.Tensor,
                    kv_lens: torch.Tensor, columns: range) -> list[Callable]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Callable
 
 import torch
@@ -34,6 +35,8 @@ from morserve.config import ModelConfig
 from morserve.engine.args import EngineArgs
 from morserve.engine.cuda_graphs import graph_sizes
 from morserve.engine.decode_loop import DecodeLoop
+from morserve.engine.depth import check_depth_params, request_max_depth, request_threshold
+from morserve.engine.depth_policy import DepthPolicy
 from morserve.engine.input_checks import EngineLimits, banned_ids, check_request, prompt_token_ids
 from morserve.engine.kv_cache import BlockManager
 from morserve.engine.multi_step import LoopFlight, MultiStep
@@ -70,7 +73,8 @@ class LLMEngine:
         page_bytes = 2 * args.block_size * cfg.num_key_value_heads * cfg.head_dim * param.element_size()
         self._worst_pages = lambda n: self.stages.worst_pages(n, args.block_size)
         num_pages = args.num_pages(page_bytes, self._worst_pages(self.max_model_len), param.device)
-        self.blocks = BlockManager(num_pages, args.block_size, self.stages.layers_per_stage)
+        self.blocks = BlockManager(num_pages, args.block_size, self.stages.layers_per_stage,
+                                   args.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.blocks, self.stages, args.max_num_batched_tokens,
                                   self.max_model_len)
         max_graph = min(args.cuda_graph_max_tokens, args.max_num_batched_tokens)
@@ -86,7 +90,9 @@ class LLMEngine:
         self.structured = StructuredBackend(tokenizer, cfg.vocab_size, sorted(self.eos_ids)) if tokenizer else None
         self.limits = EngineLimits(cfg.vocab_size, self.max_model_len, frozenset(self.eos_ids), num_pages,
                                    self._worst_pages, getattr(tokenizer, "max_token_chars", None))
-        self.recorder = TickRecorder(cfg.mor.num_recursions, self.blocks, self.scheduler)
+        self.depth_policy = DepthPolicy(args.depth_policy, args.depth_policy_metric, args.depth_policy_target,
+                                        cfg.mor.num_recursions)
+        self.recorder = TickRecorder(cfg.mor.num_recursions, self.blocks, self.scheduler, self.depth_policy)
         self.processor = OutputProcessor(tokenizer, self.eos_ids, self.max_model_len, self._retire)
         self.decode_loop: DecodeLoop | None = None
         self.multi_step: MultiStep | None = None
@@ -130,6 +136,8 @@ class LLMEngine:
         """Validate and queue a request; raises ValueError naming the problem."""
         params = params or SamplingParams()
         params.validate()
+        mor = self.model_config.mor
+        check_depth_params(params, mor)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = prompt_token_ids(prompt, self.tokenizer, self.limits)
@@ -137,12 +145,15 @@ class LLMEngine:
         grammar = self._compile_grammar(params)
         if params.max_tokens is None:
             params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
-        req = Request(request_id, text, ids, params)
+        req = Request(request_id, text, ids, params, max_depth=request_max_depth(params, mor),
+                      router_threshold=request_threshold(params, mor))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), req, i, list(ids), self._seed(params, i),
                            grammar=self.structured.state(grammar) if grammar is not None else None)
+            if params.allow_depth_reduction:
+                seq.caps.set_from(0, min(req.max_depth, self.depth_policy.cap))
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -207,6 +218,7 @@ class LLMEngine:
         multi = self.multi_step
         if multi is not None and (multi.flight is not None or multi.try_start()):
             return multi.advance()
+        self._apply_depth_policy()
         stats = self.recorder.empty()
         sched, runner = self.scheduler, self.runner
         reserved = sum(runner.block_pages_needed(self._in_block()).values())
@@ -227,6 +239,16 @@ class LLMEngine:
         self.recorder.record(stats)
         return touched
 
+    def _apply_depth_policy(self) -> None:
+        """Feed the depth policy this tick's load; when its cap moves, the positions not yet in the
+        model of every sequence that allows depth reduction take min(its own max_depth, cap)."""
+        sched = self.scheduler
+        queue_time = time.monotonic() - sched.waiting[0].request.arrival_time if sched.waiting else 0.0
+        if self.depth_policy.update(queue_time, self.blocks.usage()):
+            for seq in itertools.chain(sched.running, sched.waiting):
+                if seq.request.params.allow_depth_reduction:
+                    seq.caps.set_from(seq.embedded, min(seq.request.max_depth, self.depth_policy.cap))
+
     def _in_flight(self) -> list[Chunk]:
         return [s.chunk for s in self.scheduler.running if s.chunk is not None]
 
@@ -246,6 +268,8 @@ class LLMEngine:
             seq, req = chunk.seq, chunk.seq.request
             seq.chunk = None
             seq.num_computed = chunk.end
+            if chunk.start < seq.prompt_len and self.blocks.prefix is not None:
+                self._cache_prompt(chunk)
             samples = chunk.end == len(seq.token_ids)
             for i, row in enumerate(want[: len(want) - samples]):
                 prompt_rows.append(offset + i)
@@ -272,6 +296,17 @@ class LLMEngine:
                 touched.add(seq.request)
             stats.num_generated_tokens = len(sample_rows)
         return touched
+
+    def _cache_prompt(self, chunk: Chunk) -> None:
+        """Record the depths of a finished chunk's prompt positions and cache the full prompt
+        blocks they complete (prefix_cache.py)."""
+        seq, req = chunk.seq, chunk.seq.request
+        end = min(chunk.end, req.prompt_len)
+        del seq.prompt_depths[chunk.start:]
+        seq.prompt_depths += chunk.taken[: end - chunk.start]
+        if len(seq.prompt_depths) == end:
+            self.blocks.cache_prompt(seq.seq_id, req.prompt_token_ids, seq.caps.span(0, end), seq.prompt_depths,
+                                     req.router_threshold)
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None | Exception]:

@@ -52,8 +52,8 @@ class MultiStep:
                 return 0
             chunk = seq.chunk
             pending = seq.num_computed == len(seq.token_ids) - 1 if chunk is None else chunk.n == chunk.num_active == 1
-            if not pending:
-                return 0
+            if not pending or (chunk is not None and seq.caps.at(chunk.start) != seq.caps.current):
+                return 0      # (the loop routes a row's tokens with one depth cap)
             steps = min(steps, self.max_model_len - len(seq.token_ids))
         if sum(seq.chunk is None for seq in seqs) > self.runner.num_free_slots:
             return 0          # every row holds a pool slot for the whole loop
@@ -146,6 +146,7 @@ class MultiStep:
     def _take_back(self, seq: Sequence, out: LoopOutput, row: int) -> None:
         """The loop's final state of a sequence as the engine's own: its token in flight (or none)."""
         pos, depth = int(out.position[row]), int(out.depth[row])
+        seq.embedded = max(seq.embedded, pos + (depth != 0))
         slots = seq.chunk.slots
         seq.num_computed = pos
         if depth == 0:                       # next token sampled, not in the model yet

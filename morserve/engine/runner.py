@@ -46,6 +46,7 @@ class ModelRunner:
         cfg = model.config
         self.kv = PagedKVCache(blocks.num_pages, blocks.block_size, cfg.num_key_value_heads, cfg.head_dim,
                                self.dtype, self.device)
+        blocks.copy_pages = self.kv.copy_pages
         self.pool_size = pool_size
         self.phases = TickPhases(model, self.kv, stages, pool_size, max_model_len)
         self.graphed: GraphedBlockPass | None = None
@@ -92,13 +93,17 @@ class ModelRunner:
         """Chunks must have their stage-0 entries reserved (BlockManager.append)."""
         ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long).to(self.device)
         for chunk in chunks:
+            chunk.seq.embedded = max(chunk.seq.embedded, chunk.end)
             chunk.slots = self.alloc_slots(chunk.n)
             chunk.depth = 1
             chunk.active = [True] * chunk.n
             chunk.num_active = chunk.n
             chunk.taken = [0] * chunk.n
+        slots = self._slots_tensor(chunks)
+        self.phases.set_routing(slots, [cap for c in chunks for cap in c.seq.caps.span(c.start, c.end)],
+                                [c.seq.request.router_threshold for c in chunks for _ in range(c.n)])
         cos, sin, attends = self._stage0(chunks, self.phases.prologue_columns)
-        target = self.phases.prologue(ids, self._slots_tensor(chunks), attends, cos, sin)
+        target = self.phases.prologue(ids, slots, attends, cos, sin)
         if target is not None:
             target = target.tolist()
             offset = 0

@@ -36,7 +36,12 @@ class SamplingParams:
     output_kind: `cumulative` (a RequestOutput after every tick that touched the request, for
     streaming) or `final_only` (only the finished one; what offline generation needs).
     logit_bias: {token id: bias in [-100, 100]} added to the logits before sampling.
-    structured_outputs: a grammar the output must follow (see structured.py)."""
+    structured_outputs: a grammar the output must follow (see structured.py).
+
+    Depth (morserve's extensions, see engine/depth.py): `max_depth` caps the recursions any token
+    of the request takes (1..Nr); `router_threshold` replaces the expert-choice routing threshold;
+    `allow_depth_reduction` lets a load-adaptive depth policy lower the cap while the server is
+    loaded. The model-dependent ranges are checked by the engine (`check_depth_params`)."""
 
     n: int = 1
     max_tokens: int | None = 16
@@ -59,6 +64,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     output_kind: str = "cumulative"
+    max_depth: int | None = None
+    router_threshold: float | None = None
+    allow_depth_reduction: bool = False
 
     OUTPUT_KINDS = ("cumulative", "final_only")
 
@@ -121,3 +129,12 @@ class SamplingParams:
                     not _is_int(t) or not 0 <= t <= INT64_MAX or not _is_number(b) or not -limit <= b <= limit
                     for t, b in self.logit_bias.items()):
                 bad("logit_bias", f"must map token ids (integers >= 0) to biases in [-{limit:g}, {limit:g}]")
+        if self.max_depth is not None and (not isinstance(self.max_depth, int) or isinstance(self.max_depth, bool)
+                                           or self.max_depth < 1):
+            bad("max_depth", "must be an integer >= 1")
+        if self.router_threshold is not None and (not isinstance(self.router_threshold, (int, float))
+                                                  or isinstance(self.router_threshold, bool)
+                                                  or not math.isfinite(self.router_threshold)):
+            bad("router_threshold", "must be a finite number")
+        if not isinstance(self.allow_depth_reduction, bool):
+            bad("allow_depth_reduction", "must be a boolean")

@@ -51,8 +51,9 @@ class Scheduler:
                 if need <= free:
                     break
                 victim = self.running[-1]
-                free += self.blocks.pages_held(victim.seq_id)
+                before = self.blocks.num_free_pages       # (pages shared with others stay held)
                 self.preempt(victim)
+                free += self.blocks.num_free_pages - before
                 if victim is seq:
                     chunk = None
                     break
@@ -63,9 +64,17 @@ class Scheduler:
             new.append(chunk)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            before = self.blocks.num_free_pages
+            cached = self._attach_prefix(seq)
+            free -= before - self.blocks.num_free_pages
             chunk, need = self._next_chunk(seq, budget)
             if need > free:
+                if cached:                  # not admitted: give the prefix back
+                    self.blocks.free_sequence(seq.seq_id)
+                    seq.num_computed = 0
                 break
+            if self.blocks.prefix is not None and self._reads_prefix_cache(seq):
+                self.blocks.prefix.record(seq.prompt_len, cached)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             if seq.request.first_scheduled_time is None:
@@ -78,6 +87,24 @@ class Scheduler:
             self.blocks.append(chunk.seq.seq_id, 0, chunk.n)
             chunk.seq.chunk = chunk
         return new
+
+    @staticmethod
+    def _reads_prefix_cache(seq: Sequence) -> bool:
+        """Requests that want prompt logprobs compute every prompt position (as in vLLM)."""
+        return seq.request.params.prompt_logprobs is None
+
+    def _attach_prefix(self, seq: Sequence) -> int:
+        """Give a sequence being admitted the longest cached prefix of its prompt; returns its length."""
+        prefix = self.blocks.prefix
+        if prefix is None or not self._reads_prefix_cache(seq):
+            return 0
+        req = seq.request
+        hit = prefix.match(req.prompt_token_ids, seq.caps.span(0, req.prompt_len), req.router_threshold)
+        if hit is None or not self.blocks.attach_prefix(seq.seq_id, hit):
+            return 0
+        seq.num_computed = hit.length
+        seq.prompt_depths = list(hit.depths)
+        return hit.length
 
     def _next_chunk(self, seq: Sequence, budget: int) -> tuple[Chunk, int]:
         start = seq.num_computed

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 
+from morserve.engine.depth import DepthCaps
 from morserve.engine.outputs import TokenLogprobs
 from morserve.engine.sampling_params import SamplingParams
 from morserve.engine.structured import GrammarState
@@ -37,6 +38,13 @@ class Sequence:
     stop_reason: int | str | None = None
     chunk: "Chunk | None" = None
     grammar: GrammarState | None = None          # structured outputs: the output's matcher
+    caps: DepthCaps | None = None                # depth cap of every position (see depth.py)
+    prompt_depths: list[int] = field(default_factory=list)   # recursions taken, per computed prompt position
+    embedded: int = 0                            # positions that ever entered the model (caps fixed below it)
+
+    def __post_init__(self) -> None:
+        if self.caps is None:
+            self.caps = DepthCaps(self.request.max_depth)
 
     @property
     def prompt_len(self) -> int:
@@ -63,6 +71,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     error: str | None = None                     # why it failed, when it failed in the engine
+    max_depth: int = 1                           # the request's own depth cap (SamplingParams.max_depth or Nr)
+    router_threshold: float = 0.0                # the expert-choice threshold it routes with
 
     @property
     def prompt_len(self) -> int:

@@ -1,11 +1,12 @@
-"""Per-tick statistics: what each tick did (TickStats), completed with the cache and queue
-gauges and published to the engine's listeners (metrics, benchmarks, tests)."""
+"""Per-tick statistics: what each tick did (TickStats), completed with the cache, queue, prefix-cache
+and depth-policy gauges and published to the engine's listeners (metrics, benchmarks, tests)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+from morserve.engine.depth_policy import DepthPolicy
 from morserve.engine.kv_cache import BlockManager
 from morserve.engine.scheduler import Scheduler
 
@@ -26,14 +27,22 @@ class TickStats:
     num_preemptions: int = 0
     num_generated_tokens: int = 0
     num_block_steps: int = 0
+    prefix_cache_queries: int = 0        # cumulative prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0           # cumulative of those found cached (vLLM's names)
+    depth_cap: int = 0                   # the depth policy's cap for requests that allow reduction
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class TickRecorder:
     """Completes and publishes TickStats; keeps the last one and the running depth totals."""
 
-    def __init__(self, num_recursions: int, blocks: BlockManager, scheduler: Scheduler) -> None:
+    def __init__(self, num_recursions: int, blocks: BlockManager, scheduler: Scheduler,
+                 depth_policy: DepthPolicy) -> None:
         self.num_recursions = num_recursions
-        self.blocks, self.scheduler = blocks, scheduler
+        self.blocks, self.scheduler, self.depth_policy = blocks, scheduler, depth_policy
         self.listeners: list[Callable[[TickStats], None]] = []
         self.last = TickStats()
         self.total_depth_token_ticks = [0] * num_recursions
@@ -57,6 +66,9 @@ class TickRecorder:
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         stats.num_preemptions = self.scheduler.num_preemptions
+        stats.depth_cap = self.depth_policy.cap
+        if self.blocks.prefix is not None:
+            stats.prefix_cache_queries, stats.prefix_cache_hits = self.blocks.prefix.queries, self.blocks.prefix.hits
         for d, occ in enumerate(stats.depth_occupancy):
             self.total_depth_token_ticks[d] += occ
         self.last = stats

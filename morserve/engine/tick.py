@@ -58,6 +58,10 @@ class TickPhases:
             self.score = (torch.zeros(pool_size + 1, dtype=torch.float32, device=self.device)
                           if self.routing.keeps_score else None)
             self.cos, self.sin = model.rope(torch.arange(max_positions, device=self.device), self.dtype)
+            # each pool row's request overrides (engine/depth.py), written when its token enters
+            self.depth_cap = torch.full((pool_size + 1,), self.num_recursions, dtype=torch.long, device=self.device)
+            self.threshold = torch.full((pool_size + 1,), cfg.mor.routing_threshold, dtype=torch.float32,
+                                        device=self.device)
             self.depths = torch.arange(1, self.num_recursions + 1, device=self.device)
         prologue, epilogue = len(model.prologue), len(model.epilogue)
         self.prologue_columns = range(prologue)
@@ -78,14 +82,21 @@ class TickPhases:
             entries, kv_lens = torch.where(mask, entries, -1), torch.where(mask, kv_lens, 0)
         return self.kv.attend_fns(tables, groups, entries, kv_lens, columns)
 
+    def set_routing(self, slots: torch.Tensor, caps: list[int], thresholds: list[float]) -> None:
+        """Write the depth caps and expert thresholds of the tokens entering pool rows `slots`."""
+        with torch.inference_mode():
+            self.depth_cap.index_copy_(0, slots, torch.tensor(caps, dtype=torch.long).to(self.device))
+            self.threshold.index_copy_(0, slots, torch.tensor(thresholds, dtype=torch.float32).to(self.device))
+
     # ---- the three phases ---------------------------------------------------------------------
     def prologue(self, ids: torch.Tensor, slots: torch.Tensor, attends: list[Callable], cos: torch.Tensor,
                  sin: torch.Tensor) -> torch.Tensor | None:
-        """Rows ids [T] into pool rows `slots`; returns the chosen depths [T] (token choice) or None."""
+        """Rows ids [T] into pool rows `slots` (their routing overrides written, set_routing); returns
+        the chosen depths [T] (token choice) or None."""
         model = self.model
         h = run_layers(model.prologue, model.embed_tokens(ids), cos, sin, attends)
         kernels.scatter_rows(self.hidden, slots, h)
-        target, score = self.routing.enter(model, h)
+        target, score = self.routing.enter(model, h, self.depth_cap.index_select(0, slots))
         if self.entry is not None:
             kernels.scatter_rows(self.entry, slots, h)
         if score is not None:
@@ -103,7 +114,9 @@ class TickPhases:
         x = run_layers(model.block, h, cos, sin, attends)
         entry = kernels.gather_rows(self.entry, slots) if self.entry is not None else None
         score = self.score.index_select(0, slots) if self.score is not None else None
-        new_h, cont, score = self.routing.update(model, h, x, depth, meta[TARGET], entry, score)
+        new_h, cont, score = self.routing.update(model, h, x, depth, meta[TARGET], entry, score,
+                                                 self.depth_cap.index_select(0, slots),
+                                                 self.threshold.index_select(0, slots))
         kernels.scatter_rows(self.hidden, slots, new_h)
         if score is not None:
             self.score.index_copy_(0, slots, score)

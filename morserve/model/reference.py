@@ -6,7 +6,11 @@ epilogue. At recursion r only tokens that take r are updated; their attention se
 - kv_mode `share_first`: every earlier token's recursion-1 K/V (deeper recursions write nothing).
 Routing `threshold` is the causal inference rule (engine-reproducible); `topk` is the reference
 training code's non-causal top-k over the sequence (expert choice only). Rows must be whole,
-unpadded sequences.
+unpadded sequences. A request's depth overrides (SamplingParams.max_depth, router_threshold)
+apply as in the engine: no token takes a recursion deeper than `max_depth` (token choice: the
+argmax runs over depths 1..max_depth), and expert choice compares with `router_threshold`.
+`max_depth` may also be a per-position tensor ([T] or [B, T]): the caps a load-adaptive depth
+policy gave each token.
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
 
 
 def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "threshold",
-                      capacities: list[float] | None = None) -> ReferenceOutput:
+                      capacities: list[float] | None = None, max_depth: int | torch.Tensor | None = None,
+                      router_threshold: float | None = None) -> ReferenceOutput:
     """Logits and per-token depth for input_ids [T] or [B, T]. `capacities` overrides the
-    config's for top-k routing (training uses a capacity warm-up schedule)."""
+    config's for top-k routing (training uses a capacity warm-up schedule); `max_depth` and
+    `router_threshold` are a request's depth overrides (see the module docstring)."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     if model.config.mor.sharing in SEQUENCE_SHARINGS:   # fixed depth: run the layer list
@@ -57,6 +63,8 @@ def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "
     ids = input_ids[None] if squeeze else input_ids
     b, t = ids.shape
     dev = ids.device
+    cap = torch.as_tensor(mor.num_recursions if max_depth is None else max_depth, device=dev)
+    cap = (cap[None] if cap.dim() == 1 else cap).expand(b, t)
     h = model.embed_tokens(ids)
     positions = torch.arange(t, device=dev)
     cos, sin = model.rope(positions, h.dtype)
@@ -75,21 +83,22 @@ def reference_forward(model: MoRModel, input_ids: torch.Tensor, routing: str = "
     if mor.router == "token":
         tok_logits = model.token_router_logits(h)
         out.router_logits.append(tok_logits)
-        depth_choice, weight_choice = token_choice(tok_logits, mor)
+        depth_choice, weight_choice = token_choice(tok_logits, mor, max_depth=cap)
     shared_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    for r in range(1, mor.num_recursions + 1):
+    for r in range(1, int(cap.max()) + 1):
         gate = None
         if mor.router == "expert":
             raw = model.expert_router_logit(r, h)
             out.router_logits.append(raw)
             if r > 1:
-                rule = expert_takes(raw, mor, r) if routing == "threshold" else \
+                rule = expert_takes(raw, mor, r, threshold=router_threshold) if routing == "threshold" else \
                     expert_topk_select(raw, taking, (capacities or mor.capacities)[r - 1])
                 taking = taking & rule
             gate = expert_gate(raw, mor).to(h.dtype)
         elif mor.router == "token":
             taking = depth_choice >= r
+        taking = taking & (cap >= r)
         out.selected.append(taking)
         if not taking.any():
             break

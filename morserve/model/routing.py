@@ -51,11 +51,14 @@ def expert_gate(raw: torch.Tensor, cfg: MoRConfig) -> torch.Tensor:
 
 
 def expert_takes(raw: torch.Tensor, cfg: MoRConfig, recursion: int | torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None,
+                 threshold: float | torch.Tensor | None = None) -> torch.Tensor:
     """Inference rule: the token takes `recursion` (1-based) iff act(raw + router_bias[r-1]) >=
     threshold (bool tensor). The optional bias calibrates the decision only, never the gate.
     `recursion` may be a per-token tensor; then `bias` must hold cfg.router_bias as a float32
-    tensor on raw's device (made once by the caller, so CUDA-graph capture copies nothing)."""
+    tensor on raw's device (made once by the caller, so CUDA-graph capture copies nothing).
+    `threshold` (a float, or a float32 tensor per token) overrides cfg.routing_threshold: a
+    request's `router_threshold`."""
     if cfg.router_bias is not None:
         if isinstance(recursion, torch.Tensor):
             if bias is None:
@@ -63,7 +66,7 @@ def expert_takes(raw: torch.Tensor, cfg: MoRConfig, recursion: int | torch.Tenso
             raw = raw.float() + bias[recursion - 1]
         else:
             raw = raw.float() + cfg.router_bias[recursion - 1]
-    return router_activation(raw, cfg.router_func) >= cfg.routing_threshold
+    return router_activation(raw, cfg.router_func) >= (cfg.routing_threshold if threshold is None else threshold)
 
 
 def expert_topk_select(raw: torch.Tensor, eligible: torch.Tensor, capacity: float) -> torch.Tensor:
@@ -78,16 +81,22 @@ def expert_topk_select(raw: torch.Tensor, eligible: torch.Tensor, capacity: floa
     return chosen & eligible
 
 
-def token_choice(logits: torch.Tensor, cfg: MoRConfig,
-                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_choice(logits: torch.Tensor, cfg: MoRConfig, bias: torch.Tensor | None = None,
+                 max_depth: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [..., Nr] -> (depth [...] in 1..Nr, gate weight [...] of the final recursion).
     `bias`: cfg.router_bias as a float32 tensor on the logits' device, when the caller has one
-    (CUDA-graph capture must not copy from the host)."""
+    (CUDA-graph capture must not copy from the host). `max_depth` (an int, or a per-token tensor
+    shaped like the result) caps the depth: the argmax runs over depths 1..max_depth only, and the
+    gate is the chosen depth's probability (the softmax itself is not renormalised)."""
     probs = F.softmax(logits.float(), dim=-1)
     scores = probs
     if cfg.router_bias is not None:
         scores = probs + (bias if bias is not None else
                           torch.tensor(cfg.router_bias, dtype=probs.dtype, device=probs.device))
+    if max_depth is not None:
+        depths = torch.arange(1, logits.shape[-1] + 1, device=logits.device)
+        cap = max_depth.unsqueeze(-1) if isinstance(max_depth, torch.Tensor) else max_depth
+        scores = scores.masked_fill(depths > cap, float("-inf"))
     choice = scores.argmax(dim=-1)
     weight = cfg.alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return choice + 1, weight
@@ -123,17 +132,20 @@ class Routing:
             self._bias[device] = torch.tensor(bias, dtype=torch.float32, device=device)
         return self._bias[device]
 
-    def enter(self, model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """At entry to the recursions (h = prologue output [T, d]): (target depth [T] or None,
-        score [T] float32 or None)."""
+    def enter(self, model: nn.Module, h: torch.Tensor,
+              cap: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """At entry to the recursions (h = prologue output [T, d]; cap [T]: each token's request
+        depth cap, Nr if None): (target depth [T] or None, score [T] float32 or None)."""
         return None, None
 
     def update(self, model: nn.Module, h: torch.Tensor, x: torch.Tensor, depth: torch.Tensor,
-               target: torch.Tensor, entry: torch.Tensor | None,
-               score: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               target: torch.Tensor, entry: torch.Tensor | None, score: torch.Tensor | None,
+               cap: torch.Tensor | None = None,
+               threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """After one pass of the block (h its input, x its output, depth [T] the recursion just
-        taken): (new residual stream [T, d], continue [T] bool, new score or None)."""
-        return x, depth < self.cfg.num_recursions, None
+        taken; cap / threshold [T]: the tokens' request overrides, engine/depth.py; None: the
+        config's): (new residual stream [T, d], continue [T] bool, new score or None)."""
+        return x, depth < (self.cfg.num_recursions if cap is None else cap), None
 
 
 class ExpertRouting(Routing):
@@ -148,15 +160,16 @@ class ExpertRouting(Routing):
         cfg = self.cfg
         return nn.ModuleList(Router(hidden_size, 1, cfg.router_type) for _ in range(cfg.num_recursions)), None
 
-    def enter(self, model, h):
+    def enter(self, model, h, cap=None):
         return None, model.expert_router_logit(1, h).float()
 
-    def update(self, model, h, x, depth, target, entry, score):
+    def update(self, model, h, x, depth, target, entry, score, cap=None, threshold=None):
         cfg = self.cfg
         new_h = h + expert_gate(score, cfg)[:, None].to(h.dtype) * x
         following = depth.clamp(max=cfg.num_recursions - 1)[:, None]        # 0-based index of router d+1
         raw = model.expert_router_logits(new_h).gather(1, following).squeeze(1).float()
-        cont = (depth < cfg.num_recursions) & expert_takes(raw, cfg, following.squeeze(1) + 1, self.bias(raw.device))
+        takes = expert_takes(raw, cfg, following.squeeze(1) + 1, self.bias(raw.device), threshold)
+        cont = (depth < (cfg.num_recursions if cap is None else cap)) & takes
         return new_h, cont, raw
 
 
@@ -170,12 +183,13 @@ class TokenRouting(Routing):
     def modules(self, hidden_size: int) -> tuple[nn.ModuleList | None, Router | None]:
         return None, Router(hidden_size, self.cfg.num_recursions, self.cfg.router_type)
 
-    def enter(self, model, h):
+    def enter(self, model, h, cap=None):
         logits = model.token_router_logits(h)
-        depth, weight = token_choice(logits, self.cfg, self.bias(logits.device) if self.cfg.router_bias else None)
+        depth, weight = token_choice(logits, self.cfg, self.bias(logits.device) if self.cfg.router_bias else None,
+                                     cap)
         return depth, weight.float()
 
-    def update(self, model, h, x, depth, target, entry, score):
+    def update(self, model, h, x, depth, target, entry, score, cap=None, threshold=None):     # target <= cap
         final = (target == depth)[:, None]
         return torch.where(final, entry + score[:, None].to(h.dtype) * x, x), target > depth, score
 
