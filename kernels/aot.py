@@ -30,7 +30,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, KernelInterface
 
 import kernels.activation
 import kernels.attention
@@ -53,10 +53,12 @@ PAGE_SIZE = 16                 # EngineArgs.block_size's default
 ROWS = (16, 512)               # a decode batch (split-KV on), a prefill chunk (split-KV off)
 
 
-def kernel_functions() -> dict[str, JITFunction]:
-    """Every @triton.jit kernel (name ending in _kernel) of the package's modules."""
+def kernel_functions() -> dict[str, KernelInterface]:
+    """Every @triton.jit kernel (name ending in _kernel) of the package's modules: JITFunctions, or
+    InterpretedFunctions in a process where TRITON_INTERPRET=1 bound them to the interpreter (as
+    in the test process once tests/test_kernels.py ran; compiling needs a process without it)."""
     return {name: obj for module in MODULES for name, obj in vars(module).items()
-            if isinstance(obj, JITFunction) and name.endswith("_kernel")}
+            if isinstance(obj, KernelInterface) and name.endswith("_kernel")}
 
 
 class _Recorder:
