@@ -211,3 +211,24 @@ def test_a_hit_covers_the_common_prefix_at_every_depth(router):
         check_against_reference(model, prompt, out.outputs[0].token_ids, out.outputs[0].depths)
         engine.blocks.audit()
     assert engine.blocks.prefix.tails, "no compact stage ended inside a block"
+
+
+def test_cache_salt_keeps_requests_apart():
+    """vLLM's cache_salt: requests share cached blocks only with requests of the same salt (or,
+    unsalted, with other unsalted ones), and a salted hit is as exact as any other."""
+    model = tiny_model("expert", "recursion", 3, seed=3)
+    engine = make_engine(model, True)
+    prompt = list(range(5, 37))
+    for i, salt in enumerate([None, "tenant-a", "tenant-b"]):
+        run_to_completion(engine, {0: [(f"s{i}", prompt, SamplingParams(max_tokens=2, cache_salt=salt, **GREEDY))]})
+        assert engine.last_tick.prefix_cache_hits == 0, f"salt {salt!r} shared a block with another salt"
+    for i, salt in enumerate([None, "tenant-a", "tenant-b"]):
+        before = engine.last_tick.prefix_cache_hits
+        out = run_to_completion(engine, {0: [(f"t{i}", prompt, SamplingParams(max_tokens=2, cache_salt=salt,
+                                                                               **GREEDY))]})
+        assert engine.last_tick.prefix_cache_hits - before >= 16, salt
+        check_against_reference(model, prompt, out[f"t{i}"].outputs[0].token_ids, out[f"t{i}"].outputs[0].depths,
+                                None, None)
+    engine.blocks.audit()
+    with pytest.raises(ValueError, match="cache_salt"):
+        SamplingParams(cache_salt="").validate()

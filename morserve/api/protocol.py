@@ -159,7 +159,8 @@ class SamplingRequest(RequestModel):
     return_token_ids: bool | None = False
     truncate_prompt_tokens: Int | None = Field(None, ge=1, le=LONG_MAX)
     request_id: str | None = Field(None, min_length=1, max_length=256)
-    cache_salt: str | None = None          # accepted: morserve has no prefix cache to salt
+    cache_salt: str | None = Field(None, min_length=1, description="prefix-cache blocks are shared only "
+                                   "between requests with the same salt")
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -214,7 +215,8 @@ class SamplingRequest(RequestModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, structured_outputs=structured_outputs,
             logit_bias=self._logit_bias(), max_depth=self.max_depth,
-            router_threshold=self.router_threshold, allow_depth_reduction=self.allow_depth_reduction)
+            router_threshold=self.router_threshold, allow_depth_reduction=self.allow_depth_reduction,
+            cache_salt=self.cache_salt)
 
     def _logit_bias(self) -> dict[int, float] | None:
         if not self.logit_bias:

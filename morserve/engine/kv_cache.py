@@ -230,10 +230,10 @@ class BlockManager:
         return True
 
     def cache_prompt(self, seq_id: int, tokens: list[int], caps: list[int], depths: list[int],
-                     threshold: float) -> None:
+                     scope: bytes) -> None:
         """Cache the full blocks of a sequence's first len(depths) prompt positions (computed)."""
         tables = [self.block_table(seq_id, stage) for stage in range(len(self.layers_per_stage))]
-        self.prefix.register(tokens, caps, depths, threshold, tables)
+        self.prefix.register(tokens, caps, depths, scope, tables)
 
     def audit(self) -> None:
         """Raise AssertionError unless every page is exactly one of: free, held by block tables

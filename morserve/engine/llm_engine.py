@@ -41,6 +41,7 @@ from morserve.engine.input_checks import EngineLimits, banned_ids, check_request
 from morserve.engine.kv_cache import BlockManager
 from morserve.engine.multi_step import LoopFlight, MultiStep
 from morserve.engine.output_processor import OutputProcessor, finish
+from morserve.engine.prefix_cache import cache_scope
 from morserve.engine.outputs import RequestOutput
 from morserve.engine.request_failures import sample_each
 from morserve.engine.runner import ModelRunner
@@ -147,6 +148,7 @@ class LLMEngine:
             params = SamplingParams(**{**params.__dict__, "max_tokens": max_tokens})
         req = Request(request_id, text, ids, params, max_depth=request_max_depth(params, mor),
                       router_threshold=request_threshold(params, mor))
+        req.cache_scope = cache_scope(req.router_threshold, params.cache_salt)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(params.n):
@@ -306,7 +308,7 @@ class LLMEngine:
         seq.prompt_depths += chunk.taken[: end - chunk.start]
         if len(seq.prompt_depths) == end:
             self.blocks.cache_prompt(seq.seq_id, req.prompt_token_ids, seq.caps.span(0, end), seq.prompt_depths,
-                                     req.router_threshold)
+                                     req.cache_scope)
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled | None | Exception]:

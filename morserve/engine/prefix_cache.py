@@ -9,7 +9,8 @@ tokens took each depth and every K/V entry they wrote (tests/test_prefix_cache.p
 
 Block keys. A full block of stage s is keyed by a hash chained over the previous block's key,
 the stage, the (token, depth cap) pairs of the positions since the previous block's last entry up
-to its own last entry, and the request's expert threshold. For stage 0 a block is `block_size`
+to its own last entry, and the request's cache scope (its expert threshold and `cache_salt`,
+vLLM's field: requests with different salts never share a block). For stage 0 a block is `block_size`
 consecutive positions; for a compact stage s its `block_size` entries end at the prompt position
 of its last entry. Stage-0 blocks also keep the depths of their tokens, so a hit restores which
 prefix tokens took which depth, and from that the position of every compact entry.
@@ -40,13 +41,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ROOT = b"\0" * 16
+TAIL = b"tail"          # the scope of a tail key (a regular block's is a 16-byte cache_scope)
 
 
-def block_key(parent: bytes, stage: int, tokens: list[int], caps: list[int], threshold: float) -> bytes:
+def cache_scope(threshold: float, salt: str | None) -> bytes:
+    """What besides tokens and depth caps decides a request's entries or who may share them: the
+    expert threshold it routes with and its cache_salt."""
+    h = hashlib.blake2b(np.array([threshold], dtype=np.float64).tobytes(), digest_size=16)
+    if salt is not None:
+        h.update(b"salt:" + salt.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+def block_key(parent: bytes, stage: int, tokens: list[int], caps: list[int], scope: bytes) -> bytes:
     """Key of a block given its parent's key and the (token, cap) pairs since the parent's end."""
     h = hashlib.blake2b(parent, digest_size=16)
     h.update(np.array([stage, len(tokens)], dtype=np.int64).tobytes())
-    h.update(np.array([threshold], dtype=np.float64).tobytes())
+    h.update(scope)
     h.update(np.asarray(tokens, dtype=np.int64).tobytes())
     h.update(np.asarray(caps, dtype=np.int64).tobytes())
     return h.digest()
@@ -126,7 +137,7 @@ class PrefixCache:
         """Positions with an entry at `stage`: every token at stages 0 and 1, else depth >= stage."""
         return range(len(depths)) if stage <= 1 else [p for p, d in enumerate(depths) if d >= stage]
 
-    def _stage_blocks(self, tokens: list[int], caps: list[int], depths: list[int], threshold: float):
+    def _stage_blocks(self, tokens: list[int], caps: list[int], depths: list[int], scope: bytes):
         """(stage, block index, key) of every full block the positions with known `depths` fill,
         stage by stage, in chain order."""
         bs = self.block_size
@@ -135,7 +146,7 @@ class PrefixCache:
             key, prev = ROOT, -1
             for j in range(len(positions) // bs):
                 last = positions[(j + 1) * bs - 1]
-                key = block_key(key, stage, tokens[prev + 1: last + 1], caps[prev + 1: last + 1], threshold)
+                key = block_key(key, stage, tokens[prev + 1: last + 1], caps[prev + 1: last + 1], scope)
                 yield stage, j, key
                 prev = last
 
@@ -151,12 +162,12 @@ class PrefixCache:
             for stage in range(2, self.num_stages):
                 full, rest = divmod(counts[stage], bs)
                 if rest:
-                    yield i, stage, block_key(key, stage, [], [], -1.0), full, rest
+                    yield i, stage, block_key(key, stage, [], [], TAIL), full, rest
 
-    def _stage0_keys(self, tokens: list[int], caps: list[int], threshold: float, blocks: int) -> list[bytes]:
+    def _stage0_keys(self, tokens: list[int], caps: list[int], scope: bytes, blocks: int) -> list[bytes]:
         keys, key, bs = [], ROOT, self.block_size
         for i in range(blocks):
-            key = block_key(key, 0, tokens[i * bs:(i + 1) * bs], caps[i * bs:(i + 1) * bs], threshold)
+            key = block_key(key, 0, tokens[i * bs:(i + 1) * bs], caps[i * bs:(i + 1) * bs], scope)
             keys.append(key)
         return keys
 
@@ -171,27 +182,27 @@ class PrefixCache:
         block.keys.append(key)
         return block
 
-    def register(self, tokens: list[int], caps: list[int], depths: list[int], threshold: float,
+    def register(self, tokens: list[int], caps: list[int], depths: list[int], scope: bytes,
                  tables: list[np.ndarray]) -> None:
         """Cache the full blocks and the tails of a sequence's computed prompt positions (`depths`
         known for each; `tables[s]` its stage-s block table). A key cached already keeps its block
         (the sequence keeps its own copy)."""
         bs = self.block_size
-        for stage, j, key in self._stage_blocks(tokens, caps, depths, threshold):
+        for stage, j, key in self._stage_blocks(tokens, caps, depths, scope):
             if key not in self.blocks:
                 block = self.blocks[key] = self._cache_row(key, tables[stage][j])
                 if stage == 0:
                     block.depths = list(depths[j * bs:(j + 1) * bs])
-        stage0_keys = self._stage0_keys(tokens, caps, threshold, len(depths) // bs)
+        stage0_keys = self._stage0_keys(tokens, caps, scope, len(depths) // bs)
         for _, stage, key, j, rest in self._tails(stage0_keys, depths):
             if key not in self.tails:
                 self.tails[key] = (self._cache_row(key, tables[stage][j]), rest)
 
-    def match(self, tokens: list[int], caps: list[int], threshold: float) -> PrefixHit | None:
+    def match(self, tokens: list[int], caps: list[int], scope: bytes) -> PrefixHit | None:
         """The longest cached prefix of a prompt (at most len(tokens) - 1 tokens), or None."""
         bs, n = self.block_size, len(tokens)
         stage0, depths, keys0 = [], [], []
-        for key in self._stage0_keys(tokens, caps, threshold, n // bs):
+        for key in self._stage0_keys(tokens, caps, scope, n // bs):
             block = self.blocks.get(key)
             if block is None:
                 break
@@ -202,7 +213,7 @@ class PrefixCache:
             return None
         hits: list[list[CachedBlock]] = [stage0] + [[] for _ in range(1, self.num_stages)]
         missed: set[int] = set()
-        for stage, j, key in self._stage_blocks(tokens, caps, depths, threshold):
+        for stage, j, key in self._stage_blocks(tokens, caps, depths, scope):
             block = self.blocks.get(key) if stage and stage not in missed else None
             if block is not None:
                 hits[stage].append(block)

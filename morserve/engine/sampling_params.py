@@ -41,7 +41,8 @@ class SamplingParams:
     Depth (morserve's extensions, see engine/depth.py): `max_depth` caps the recursions any token
     of the request takes (1..Nr); `router_threshold` replaces the expert-choice routing threshold;
     `allow_depth_reduction` lets a load-adaptive depth policy lower the cap while the server is
-    loaded. The model-dependent ranges are checked by the engine (`check_depth_params`)."""
+    loaded. `cache_salt` (vLLM's field) keeps the request's prefix-cache blocks apart from those of
+    requests with another salt (or none). The model-dependent ranges are checked by the engine (`check_depth_params`)."""
 
     n: int = 1
     max_tokens: int | None = 16
@@ -67,6 +68,7 @@ class SamplingParams:
     max_depth: int | None = None
     router_threshold: float | None = None
     allow_depth_reduction: bool = False
+    cache_salt: str | None = None
 
     OUTPUT_KINDS = ("cumulative", "final_only")
 
@@ -138,3 +140,5 @@ class SamplingParams:
             bad("router_threshold", "must be a finite number")
         if not isinstance(self.allow_depth_reduction, bool):
             bad("allow_depth_reduction", "must be a boolean")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            bad("cache_salt", "must be a non-empty string")

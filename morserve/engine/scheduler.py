@@ -99,7 +99,7 @@ class Scheduler:
         if prefix is None or not self._reads_prefix_cache(seq):
             return 0
         req = seq.request
-        hit = prefix.match(req.prompt_token_ids, seq.caps.span(0, req.prompt_len), req.router_threshold)
+        hit = prefix.match(req.prompt_token_ids, seq.caps.span(0, req.prompt_len), req.cache_scope)
         if hit is None or not self.blocks.attach_prefix(seq.seq_id, hit):
             return 0
         seq.num_computed = hit.length

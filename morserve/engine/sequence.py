@@ -73,6 +73,7 @@ class Request:
     error: str | None = None                     # why it failed, when it failed in the engine
     max_depth: int = 1                           # the request's own depth cap (SamplingParams.max_depth or Nr)
     router_threshold: float = 0.0                # the expert-choice threshold it routes with
+    cache_scope: bytes = b""                      # prefix-cache scope: threshold and cache_salt (prefix_cache.py)
 
     @property
     def prompt_len(self) -> int:
