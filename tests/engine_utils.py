@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from morserve.config import ModelConfig, MoRConfig
@@ -9,6 +10,16 @@ from morserve.engine import LLMEngine, RequestOutput
 from morserve.model import MoRModel, reference_forward
 
 LAYERS_FOR_NR = {1: 4, 2: 8, 3: 8, 4: 10}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread for a module's tests (import it into a test module to apply it there)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
 TIE_TOL = 1e-4
 
 

@@ -9,10 +9,9 @@ import shlex
 import time
 from pathlib import Path
 
-import pytest
-import torch
 from fastapi.testclient import TestClient
 
+from engine_utils import one_thread  # noqa: F401 - autouse fixture: one torch thread
 from morserve.api.server import create_app
 from morserve.api.state import ServerSettings
 from morserve.checkpoint import save_checkpoint
@@ -26,12 +25,6 @@ README = Path(__file__).resolve().parents[1] / "models" / "morserve-mini-mor3" /
 MODEL = "morserve-mini-mor3"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _readme_sample_section() -> tuple[list[str], str]:

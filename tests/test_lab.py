@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+from engine_utils import one_thread  # noqa: F401 - autouse fixture: one torch thread
 from morserve import lab
 from morserve.checkpoint import load_checkpoint, load_pretrained
 from morserve.config import ConfigError, ModelConfig, MoRConfig
@@ -23,12 +24,6 @@ from morserve.train.command import parse_capacity
 from morserve.train.depth_target import depth_loads, keep_ratio_for_depth
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _seed() -> int:

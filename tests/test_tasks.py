@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_utils import one_thread  # noqa: F401 - autouse fixture: one torch thread
 from morserve import lab
 from morserve.model.reference import reference_forward
 from morserve.train.task_eval import evaluate_task
@@ -17,12 +18,6 @@ from morserve.train.tasks import DIGITS, ID, IGNORE, SYMBOLS, get_task, task_tok
 MARGINS = {"copy": ("copy", 0.5), "counting": ("count", 0.4), "pattern": ("repeat", 0.4)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _batch(name: str, n: int = 64, seed: int = None):

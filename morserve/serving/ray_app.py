@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from morserve.api.middleware import REQUEST_ID
 from morserve.api.server import build_parser, create_app, engine_args, server_settings
 from morserve.engine import AsyncLLMEngine
-from morserve.serving.ray_flags import check_ray_arguments, deployment_options, replica_gpus
+from morserve.serving.ray_flags import check_ray_arguments, deployment_options
 
 logger = logging.getLogger("morserve.serving")
 
