@@ -9,8 +9,12 @@ count's. Ray starts its workers at niceness 15; here they run at 0
 (RAY_worker_niceness), like the load generator, so that on a shared machine the replicas do not
 yield the CPU to it and to every other process.
 
-    python benchmarks/ray_replicas.py --replicas 1,2 --rounds 3 --num-prompts 96 \\
-        --max-concurrency 64 --input-len 16 --output-len 64 --markdown ray_replicas.md
+    python benchmarks/ray_replicas.py --model smollm2-135m-instruct --replicas 1,2 --rounds 2 \\
+        --num-prompts 192 --max-concurrency 96 --max-num-seqs 32 --input-len 16 --output-len 48 \\
+        --markdown ray_replicas.md
+
+A load saturates every replica when --max-concurrency exceeds replicas x --max-num-seqs, and has
+little tail when --num-prompts is several times the concurrency.
 """
 
 from __future__ import annotations
