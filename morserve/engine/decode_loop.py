@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import kernels
 from morserve.engine.cuda_graphs import capture_graph, graph_sizes
 from morserve.engine.sampler import as_int64, plain_tail
 from morserve.engine.sequence import Chunk, Sequence
-from morserve.engine.tick import DEPTH, ENTRY, GROUP, KV_LEN, NUM_FIELDS, POSITION, SLOT, TARGET
 
 # rows of the host field mirror: token, position, depth, target, slot, live, seed
 SLOT_ROW, LIVE_ROW, SEED_ROW = 4, 5, 6
@@ -87,7 +87,7 @@ class DecodeLoop:
             self.live = torch.zeros(max_seqs, dtype=torch.bool, device=dev)
             self.lengths = torch.zeros(max_seqs, stages, **long)
             self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
-            self.row_ids = torch.arange(max_seqs, **long)
+            self.row_ids = torch.arange(max_seqs, dtype=torch.int32, device=dev)   # stage-0 table rows
             self.step = torch.zeros(1, **long)
             self.out_tokens = torch.zeros(max_steps, max_seqs, **long)
             self.out_depths = torch.zeros(max_steps, max_seqs, **long)
@@ -231,56 +231,32 @@ class DecodeLoop:
         self.step.zero_()
 
     # ---- one tick on the device ---------------------------------------------------------------
-    def _record(self, out: torch.Tensor, values: torch.Tensor) -> None:
-        out.index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
-
     def _tick(self, sampling: bool, rows: int) -> None:
-        """One tick over state rows 0..rows-1 (the rows past the loaded ones are inert)."""
-        phases, nr, scratch = self.phases, self.mor.num_recursions, self.phases.scratch
-        token, position, depth_state, target_state = (t[:rows] for t in (self.token, self.position, self.depth,
-                                                                         self.target))
-        slot, live, lengths, tables, row_ids = (t[:rows] for t in (self.slot, self.live, self.lengths, self.tables,
-                                                                   self.row_ids))
-        record = lambda out, values: out[:, :rows].index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
-        cos, sin = phases.rope(position)                     # every phase of the tick: same rows
+        """One tick over state rows 0..rows-1 (the rows past the loaded ones are inert): the phases,
+        with the rows' bookkeeping between them in four fused launches (kernels.loop_*, whose
+        docstrings in kernels.reference define the state; a row's depth is -d from the pass it
+        leaves the block at depth d to the end of the tick)."""
+        phases, kv, nr, scratch = self.phases, self.phases.kv, self.mor.num_recursions, self.phases.scratch
+        token, position, depth, target, slot, live, lengths = (
+            t[:rows] for t in (self.token, self.position, self.depth, self.target, self.slot, self.live, self.lengths))
+        tables, row_ids = self.tables[:rows], self.row_ids[:rows]
         stage0 = tables[:, 0]
+        block_tables = tables.view(-1, *tables.shape[2:])      # GROUP = row * stages + stage
+        cos, sin = phases.rope(position)                     # every phase of the tick: same rows
 
-        fresh = live & (depth_state == 0)
-        attends = phases.stage0_attention(stage0, row_ids, position, phases.prologue_columns, fresh)
-        target = phases.prologue(token, torch.where(fresh, slot, scratch), attends, cos, sin)
-        if target is not None:
-            target_state.copy_(torch.where(fresh, target, target_state))
-        lengths[:, 0].copy_(torch.where(fresh, position + 1, lengths[:, 0]))
-        self._record(self.out_prologue, fresh.sum())
-
-        depth = torch.where(fresh, 1, depth_state)
-        exit_depth = torch.zeros_like(depth)
-        counts = torch.zeros(2, nr, dtype=torch.long, device=depth.device)
-        for _ in range(nr if self.depth_sync else 1):
-            active = live & (depth >= 1)
-            d = depth.clamp(1, nr)
-            stage, entry, kv_len, writes = self.stages.device_fields(d, active, position, lengths)
-            fields = [None] * NUM_FIELDS
-            fields[SLOT], fields[POSITION], fields[GROUP] = torch.where(active, slot, scratch), position, row_ids
-            fields[ENTRY], fields[KV_LEN] = entry, kv_len
-            fields[DEPTH], fields[TARGET] = torch.where(active, d, nr), target_state
-            cont, step_counts = phases.block(torch.stack(fields), tables[row_ids, stage])
-            lengths.scatter_add_(1, stage[:, None], writes.long()[:, None])
-            counts += step_counts
-            left = active & ~cont
-            exit_depth = torch.where(left, d, exit_depth)
-            depth = torch.where(active & cont, depth + 1, torch.where(left, -1, depth))
-        self._record(self.out_occupancy, counts[0])
-        self._record(self.out_exits, counts[1])
-
-        left = depth == -1
-        attends = phases.stage0_attention(stage0, row_ids, position, phases.epilogue_columns, left)
-        logits = phases.epilogue(torch.where(left, slot, scratch), attends, cos, sin)
+        slots, entries, kv_lens = kernels.loop_prologue_rows(live, depth, slot, position, scratch)
+        attends = kv.attend_fns(stage0, row_ids, entries, kv_lens, phases.prologue_columns)
+        entered = phases.prologue(token, slots, attends, cos, sin)
+        for k in range(nr if self.depth_sync else 1):
+            meta = kernels.loop_block_meta(live, depth, slot, position, target, lengths,
+                                           target if entered is None else entered, self.out_prologue,
+                                           self.out_occupancy, self.out_exits, self.step, scratch, nr,
+                                           self.stages.share_first, enter=k == 0)
+            cont, _ = phases.block(meta, block_tables)
+            slots, entries, kv_lens = kernels.loop_block_exit(live, depth, cont, slot, position, self.out_exits,
+                                                              self.step, nr, scratch)
+        attends = kv.attend_fns(stage0, row_ids, entries, kv_lens, phases.epilogue_columns)
+        logits = phases.epilogue(slots, attends, cos, sin)
         new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], position + 1, sampling)
-        record(self.out_tokens, torch.where(left, torch.where(valid, new, -2), -1))   # -2: the host fails the row
-        record(self.out_depths, exit_depth)
-        record(self.out_logprobs, logprob)
-        token.copy_(torch.where(left, new, token))
-        position.copy_(torch.where(left, position + 1, position))
-        depth_state.copy_(torch.where(left, 0, depth))
-        self.step += 1
+        kernels.loop_emit(depth, token, position, new, logprob, valid, self.out_tokens[:, :rows],
+                          self.out_depths[:, :rows], self.out_logprobs[:, :rows], self.step)
