@@ -13,6 +13,10 @@ rows, with masks instead of Python bookkeeping:
    state by CacheStages' rule;
 3. `TickPhases.epilogue` and `sampler.plain_tail` for the rows that left the block; their next
    token is recorded in the tick's output row and enters the prologue in the next tick.
+The bookkeeping between the phases (which rows take part, stage-0 and block metadata, KV lengths,
+per-depth counts, records, the next token in flight) is four fused ops over the state rows,
+kernels.loop_prologue_rows / loop_block_meta / loop_block_exit / loop_emit (one launch each, as
+vLLM's advance_step), so a tick launches the phases' kernels and hardly anything else.
 Rows that take no part in a phase point at the pool's scratch row and write no K/V, so every tick
 has the same shapes: on CUDA the tick over the loaded rows, padded to a bucket size, is captured
 once as a CUDA graph (cuda_graphs.capture_graph) and replayed K times; on the CPU it runs over the
@@ -257,6 +261,7 @@ class DecodeLoop:
                                                               self.step, nr, scratch)
         attends = kv.attend_fns(stage0, row_ids, entries, kv_lens, phases.epilogue_columns)
         logits = phases.epilogue(slots, attends, cos, sin)
-        new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], position + 1, sampling)
+        drawn_at = position + 1 if sampling else position          # greedy rows draw nothing: no launch
+        new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], drawn_at, sampling)
         kernels.loop_emit(depth, token, position, new, logprob, valid, self.out_tokens[:, :rows],
                           self.out_depths[:, :rows], self.out_logprobs[:, :rows], self.step)
