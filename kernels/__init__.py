@@ -1,7 +1,7 @@
 """Kernels of the engine's hot path: row gather/scatter, RMSNorm (alone, after a residual add, after
 a gather), SwiGLU's silu * up, paged KV store (optionally fused with RoPE), paged recursion-wise
 attention, the LM head's greedy tail (argmax, its log-probability, finiteness), and the decode
-loop's row-state bookkeeping (loop_*: a multi-step tick's masks, counts and records in four launches).
+loop's row-state bookkeeping (loop_*: a multi-step tick's masks, counts and records in three launches).
 
 Three ways to call each op, all with one signature:
 - `kernels.reference.<op>`: pure PyTorch, any device (the oracle of the tests);

@@ -110,15 +110,17 @@ def _loop_state_calls(rows: int, num_recursions: int = 4, steps: int = 8) -> Non
     depth, slot, position, target = (torch.zeros(rows, **long) for _ in range(4))
     occupancy, exits = torch.zeros(steps, num_recursions, **long), torch.zeros(steps, num_recursions, **long)
     prologue, step = torch.zeros(steps, **long), torch.zeros(1, **long)
-    tri.loop_prologue_rows(live, depth, slot, position, rows)
+    entering = (torch.zeros(rows, **long), torch.zeros(rows, **long), torch.zeros(rows, dtype=torch.int32))
+    tri.loop_prologue_rows(live, depth, slot, position, rows, *entering)
     for share_first in (False, True):
         lengths = torch.zeros(rows, 2 if share_first else num_recursions + 1, **long)
         for enter in (True, False):
             tri.loop_block_meta(live, depth, slot, position, target, lengths, target, prologue, occupancy, exits,
                                 step, rows, num_recursions, share_first, enter=enter)
     tri.loop_block_exit(live, depth, cont, slot, position, exits, step, num_recursions, rows)
-    tri.loop_emit(depth, target, position, target, torch.zeros(rows), cont, torch.zeros(steps, rows, **long),
-                  torch.zeros(steps, rows, **long), torch.zeros(steps, rows), step)
+    tri.loop_emit(live, depth, slot, position, target, target, torch.zeros(rows), cont,
+                  torch.zeros(steps, rows, **long), torch.zeros(steps, rows, **long), torch.zeros(steps, rows), step,
+                  rows, *entering)
 
 
 def _arg_type(value) -> tuple[str, object | None, bool]:

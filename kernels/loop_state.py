@@ -1,16 +1,18 @@
-"""Triton bookkeeping of the multi-step decode loop: a tick's row-state updates in four launches.
+"""Triton bookkeeping of the multi-step decode loop: a tick's row-state updates in three launches.
 
 The decode loop (morserve/engine/decode_loop.py) keeps one row per sequence on the device (live,
 depth, slot, position, target, per-stage K/V lengths, and per-tick records at the device counter
 `step`); vLLM's `advance_step` is the precedent of updating such a state in one launch. Around the
 tick's phases:
-- `loop_prologue_rows`: the prologue's stage-0 rows (slots, entries, kv_lens);
+- `loop_prologue_rows`: the prologue's stage-0 rows (slots, entries, kv_lens) of the first tick
+  after the state was loaded (each tick's `loop_emit` writes those of the next one);
 - `loop_block_meta`: before each block pass: the prologue's rows enter the block (first pass), the
   cache-stage rule gives each row of the pass its stage, entry and kv_len, lengths and the
   per-depth occupancy are updated, and the pass's packed metadata is written;
 - `loop_block_exit`: after each block pass: depths advance or rows leave (exits per depth), and
   the epilogue's stage-0 rows;
-- `loop_emit`: after the LM-head tail: the tick's records, the next token in flight, step += 1.
+- `loop_emit`: after the LM-head tail: the tick's records, the next token in flight, step += 1,
+  and the next tick's prologue rows.
 
 Each kernel is ONE program over all R rows (R is the loop's row count, at most max_num_seqs), so
 the per-depth counts are plain reductions and no atomics are needed; where a kernel reads and
@@ -151,12 +153,13 @@ def _block_exit_kernel(live, depth, cont, slot, position, exits, step, slots_out
 
 
 @triton.jit
-def _emit_kernel(depth, token, position, new, logprob, valid, out_tokens, out_depths, out_logprobs, step, r,
-                 stride_tokens, stride_depths, stride_logprobs, BLOCK_R: tl.constexpr):
+def _emit_kernel(live, depth, slot, position, token, new, logprob, valid, out_tokens, out_depths, out_logprobs,
+                 step, slots_out, entries_out, kv_lens_out, r, stride_tokens, stride_depths, stride_logprobs, scratch,
+                 BLOCK_R: tl.constexpr):
     rows = tl.arange(0, BLOCK_R)
     in_rows = rows < r
     s = tl.load(step)
-    dep = tl.load(depth + rows, mask=in_rows, other=0)
+    alive, dep = _row_state(live, depth, rows, in_rows)
     left = dep < 0
     drawn = tl.load(new + rows, mask=in_rows, other=0)
     usable = tl.load(valid + rows, mask=in_rows, other=0) != 0
@@ -165,8 +168,12 @@ def _emit_kernel(depth, token, position, new, logprob, valid, out_tokens, out_de
     tl.store(out_logprobs + s * stride_logprobs + rows, tl.load(logprob + rows, mask=in_rows, other=0.0),
              mask=in_rows)
     tl.store(token + rows, tl.where(left, drawn, tl.load(token + rows, mask=in_rows, other=0)), mask=in_rows)
-    tl.store(position + rows, tl.load(position + rows, mask=in_rows, other=0) + left.to(tl.int64), mask=in_rows)
-    tl.store(depth + rows, tl.maximum(dep, 0), mask=in_rows)
+    pos = tl.load(position + rows, mask=in_rows, other=0) + left.to(tl.int64)
+    dep = tl.maximum(dep, 0)
+    tl.store(position + rows, pos, mask=in_rows)
+    tl.store(depth + rows, dep, mask=in_rows)
+    _store_stage0_rows(rows, in_rows, alive & (dep == 0), tl.load(slot + rows, mask=in_rows, other=0), pos, scratch,
+                       slots_out, entries_out, kv_lens_out)
     tl.debug_barrier()
     tl.store(step, s + 1)
 
@@ -200,16 +207,22 @@ def _stage0_outputs(r: int, device: torch.device) -> tuple[torch.Tensor, torch.T
             torch.empty(r, dtype=torch.int32, device=device))
 
 
+def _check_stage0_outputs(op: str, r: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
+    _rows(op, slots, entries, kv_lens)
+    if slots.shape[0] != r or (slots.dtype, entries.dtype, kv_lens.dtype) != (torch.long, torch.long, torch.int32):
+        raise ValueError(f"{op}: slots, entries, kv_lens must be [{r}] int64, int64, int32, got {slots.dtype} "
+                         f"{tuple(slots.shape)}, {entries.dtype}, {kv_lens.dtype}")
+
+
 def loop_prologue_rows(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
-                       scratch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prologue's stage-0 (slots int64, entries int64, kv_lens int32) of the live rows at depth 0."""
-    check_tensors("loop_prologue_rows", live, depth, slot, position)
+                       scratch: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
+    """The prologue's stage-0 rows (the live rows at depth 0) into slots, entries (int64), kv_lens (int32)."""
+    check_tensors("loop_prologue_rows", live, depth, slot, position, slots, entries, kv_lens)
     r = _rows("loop_prologue_rows", live, depth, slot, position)
-    out = _stage0_outputs(r, live.device)
+    _check_stage0_outputs("loop_prologue_rows", r, slots, entries, kv_lens)
     block_r = _block_r(r)
-    _prologue_rows_kernel[(1,)](live, depth, slot, position, *out, r, scratch, BLOCK_R=block_r,
+    _prologue_rows_kernel[(1,)](live, depth, slot, position, slots, entries, kv_lens, r, scratch, BLOCK_R=block_r,
                                 num_warps=_warps(block_r))
-    return out
 
 
 def loop_block_meta(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
@@ -251,20 +264,24 @@ def loop_block_exit(live: torch.Tensor, depth: torch.Tensor, cont: torch.Tensor,
     return out
 
 
-def loop_emit(depth: torch.Tensor, token: torch.Tensor, position: torch.Tensor, new: torch.Tensor,
-              logprob: torch.Tensor, valid: torch.Tensor, out_tokens: torch.Tensor, out_depths: torch.Tensor,
-              out_logprobs: torch.Tensor, step: torch.Tensor) -> None:
-    """The end of a tick (state and records in place, see kernels.reference); step += 1."""
-    check_tensors("loop_emit", depth, token, position, new, logprob, valid, out_tokens, out_depths, out_logprobs,
-                  step)
-    r = _rows("loop_emit", depth, token, position, new, logprob, valid)
+def loop_emit(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
+              token: torch.Tensor, new: torch.Tensor, logprob: torch.Tensor, valid: torch.Tensor,
+              out_tokens: torch.Tensor, out_depths: torch.Tensor, out_logprobs: torch.Tensor, step: torch.Tensor,
+              scratch: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
+    """The end of a tick (state, records and the next tick's prologue rows in place, see
+    kernels.reference); step += 1."""
+    op = "loop_emit"
+    check_tensors(op, live, depth, slot, position, token, new, logprob, valid, out_tokens, out_depths, out_logprobs,
+                  step, slots, entries, kv_lens)
+    r = _rows(op, live, depth, slot, position, token, new, logprob, valid)
+    _check_stage0_outputs(op, r, slots, entries, kv_lens)
     for out in (out_tokens, out_depths, out_logprobs):
         if out.dim() != 2 or out.shape[1] != r or out.stride(1) != 1:
-            raise ValueError(f"loop_emit: records must be [steps, {r}] with contiguous rows, got "
+            raise ValueError(f"{op}: records must be [steps, {r}] with contiguous rows, got "
                              f"{tuple(out.shape)} stride {out.stride()}")
     if out_logprobs.dtype != torch.float32:
-        raise ValueError(f"loop_emit: out_logprobs must be float32, got {out_logprobs.dtype}")
+        raise ValueError(f"{op}: out_logprobs must be float32, got {out_logprobs.dtype}")
     block_r = _block_r(r)
-    _emit_kernel[(1,)](depth, token, position, new, logprob, valid, out_tokens, out_depths, out_logprobs, step,
-                       r, out_tokens.stride(0), out_depths.stride(0), out_logprobs.stride(0), BLOCK_R=block_r,
-                       num_warps=_warps(block_r))
+    _emit_kernel[(1,)](live, depth, slot, position, token, new, logprob, valid, out_tokens, out_depths, out_logprobs,
+                       step, slots, entries, kv_lens, r, out_tokens.stride(0), out_depths.stride(0),
+                       out_logprobs.stride(0), scratch, BLOCK_R=block_r, num_warps=_warps(block_r))

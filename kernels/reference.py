@@ -122,7 +122,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # bool, depth [R] int64 (0 = the row's token has not entered the model, 1..Nr = its block depth,
 # -d = it left the block at depth d in this tick), slot / position / target [R] int64, lengths
 # [R, stages] int64 (K/V entries per cache stage), and per-tick records indexed by the device
-# counter step [1]. These ops update that state in place, a tick's bookkeeping in four launches.
+# counter step [1]. These ops update that state in place, a tick's bookkeeping in three launches
+# (loop_block_meta, loop_block_exit, loop_emit; loop_prologue_rows prepares the first tick).
 
 def _stage0_rows(use: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
                  scratch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,11 +149,13 @@ def cache_stage_fields(depth: torch.Tensor, active: torch.Tensor, position: torc
 
 
 def loop_prologue_rows(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
-                       scratch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       scratch: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
     """The prologue's rows of a decode-loop tick: the live rows at depth 0 (their token enters the
-    model). Returns their stage-0 (slots int64, entries int64, kv_lens int32), inert elsewhere
-    (the scratch pool row, entry -1, kv_len 0)."""
-    return _stage0_rows(live & (depth == 0), slot, position, scratch)
+    model). Writes their stage-0 metadata into slots [R] int64, entries [R] int64 and kv_lens [R]
+    int32 (the buffers the next tick reads), inert elsewhere (the scratch pool row, entry -1,
+    kv_len 0)."""
+    for out, value in zip((slots, entries, kv_lens), _stage0_rows(live & (depth == 0), slot, position, scratch)):
+        out.copy_(value)
 
 
 def loop_block_meta(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
@@ -215,14 +218,16 @@ def loop_block_exit(live: torch.Tensor, depth: torch.Tensor, cont: torch.Tensor,
     return _stage0_rows(depth < 0, slot, position, scratch)
 
 
-def loop_emit(depth: torch.Tensor, token: torch.Tensor, position: torch.Tensor, new: torch.Tensor,
-              logprob: torch.Tensor, valid: torch.Tensor, out_tokens: torch.Tensor, out_depths: torch.Tensor,
-              out_logprobs: torch.Tensor, step: torch.Tensor) -> None:
+def loop_emit(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
+              token: torch.Tensor, new: torch.Tensor, logprob: torch.Tensor, valid: torch.Tensor,
+              out_tokens: torch.Tensor, out_depths: torch.Tensor, out_logprobs: torch.Tensor, step: torch.Tensor,
+              scratch: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
     """The end of a decode-loop tick, in place: the rows that left the block (depth -d) record
     their sampled token new [R] (-2 where valid [R] is False: no usable token; -1 for the other
     rows), d and logprob [R] in row `step` of out_tokens / out_depths / out_logprobs [steps, R]
     (0 and the logprob as given for the other rows); the token becomes the row's token in flight
-    at the next position, depth 0; then step += 1."""
+    at the next position, depth 0; step += 1; and the next tick's prologue rows are written as
+    loop_prologue_rows does."""
     left = depth < 0
     out_tokens.index_copy_(0, step, torch.where(left, torch.where(valid, new, -2), -1)[None])
     out_depths.index_copy_(0, step, torch.where(left, -depth, 0)[None])
@@ -231,3 +236,4 @@ def loop_emit(depth: torch.Tensor, token: torch.Tensor, position: torch.Tensor, 
     position.add_(left.long())
     depth.clamp_(min=0)
     step.add_(1)
+    loop_prologue_rows(live, depth, slot, position, scratch, slots, entries, kv_lens)

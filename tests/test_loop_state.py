@@ -79,13 +79,21 @@ def _assert_equal(got, expected) -> None:
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def _entering(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage-0 output buffers holding stale values (what the last tick left there)."""
+    return (torch.randint(0, 50, (rows,), dtype=torch.long, device=DEVICE),
+            torch.randint(0, 50, (rows,), dtype=torch.long, device=DEVICE),
+            torch.randint(0, 50, (rows,), dtype=torch.int32, device=DEVICE))
+
+
 @pytest.mark.parametrize("rows", [1, 13, 40])
 def test_loop_prologue_rows(rows: int) -> None:
     s = _state(rows, 3, 4, block_depths=False)
-    args = (s["live"], s["depth"], s["slot"], s["position"], SCRATCH)
-    got, expected = tri.loop_prologue_rows(*args), ref.loop_prologue_rows(*args)
+    got, expected = _entering(rows), _entering(rows)
+    for op, out in ((tri.loop_prologue_rows, got), (ref.loop_prologue_rows, expected)):
+        op(s["live"], s["depth"], s["slot"], s["position"], SCRATCH, *out)
     _assert_equal(got, expected)
-    assert expected[2].dtype == torch.int32 and (expected[0] == SCRATCH).any()
+    assert (expected[0] == SCRATCH).any() or rows == 1
 
 
 @pytest.mark.parametrize("rows", [1, 13, 40])
@@ -137,12 +145,16 @@ def test_loop_emit(rows: int) -> None:
     records = dict(out_tokens=torch.randint(-1, 9, (STEPS, width), dtype=torch.long, device=DEVICE),
                    out_depths=torch.randint(0, 4, (STEPS, width), dtype=torch.long, device=DEVICE),
                    out_logprobs=torch.randn(STEPS, width, device=DEVICE))
+    entering = _entering(rows)
     states = []
     for op in (tri.loop_emit, ref.loop_emit):
-        s = _clone(state) | _clone(records)
-        op(s["depth"], s["target"], s["position"], new, logprob, valid, s["out_tokens"][:, :rows],
-           s["out_depths"][:, :rows], s["out_logprobs"][:, :rows], s["step"])
+        s = _clone(state) | _clone(records) | dict(zip(("slots", "entries", "kv_lens"), (t.clone() for t in entering)))
+        op(s["live"], s["depth"], s["slot"], s["position"], s["target"], new, logprob, valid,
+           s["out_tokens"][:, :rows], s["out_depths"][:, :rows], s["out_logprobs"][:, :rows], s["step"], SCRATCH,
+           s["slots"], s["entries"], s["kv_lens"])
         states.append(s)
     _assert_equal(states[0], states[1])
     s = states[1]
     assert int(s["step"]) == int(state["step"]) + 1 and torch.all(s["depth"] >= 0)
+    # the next tick's prologue rows: exactly the live rows whose token was just sampled or was waiting
+    assert torch.equal(s["kv_lens"] > 0, s["live"] & (s["depth"] == 0))

@@ -14,9 +14,10 @@ rows, with masks instead of Python bookkeeping:
 3. `TickPhases.epilogue` and `sampler.plain_tail` for the rows that left the block; their next
    token is recorded in the tick's output row and enters the prologue in the next tick.
 The bookkeeping between the phases (which rows take part, stage-0 and block metadata, KV lengths,
-per-depth counts, records, the next token in flight) is four fused ops over the state rows,
-kernels.loop_prologue_rows / loop_block_meta / loop_block_exit / loop_emit (one launch each, as
-vLLM's advance_step), so a tick launches the phases' kernels and hardly anything else.
+per-depth counts, records, the next token in flight and the next tick's prologue rows) is three
+fused ops over the state rows, kernels.loop_block_meta / loop_block_exit / loop_emit (one launch
+each; loop_emit prepares the next tick as vLLM's advance_step does, loop_prologue_rows the first
+tick after a load), so a tick launches the phases' kernels and hardly anything else.
 Rows that take no part in a phase point at the pool's scratch row and write no K/V, so every tick
 has the same shapes: on CUDA the tick over the loaded rows, padded to a bucket size, is captured
 once as a CUDA graph (cuda_graphs.capture_graph) and replayed K times; on the CPU it runs over the
@@ -92,6 +93,9 @@ class DecodeLoop:
             self.lengths = torch.zeros(max_seqs, stages, **long)
             self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
             self.row_ids = torch.arange(max_seqs, dtype=torch.int32, device=dev)   # stage-0 table rows
+            # the next tick's prologue rows (stage-0 slots, entries, kv_lens): loop_emit writes them
+            self.entering = (torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long),
+                             torch.zeros(max_seqs, dtype=torch.int32, device=dev))
             self.step = torch.zeros(1, **long)
             self.out_tokens = torch.zeros(max_steps, max_seqs, **long)
             self.out_depths = torch.zeros(max_steps, max_seqs, **long)
@@ -166,6 +170,12 @@ class DecodeLoop:
             self.seed.copy_(device_fields[SEED_ROW])
             self.temperature.copy_(self._temperatures_pinned, non_blocking=True)
             self.lengths.copy_(self._lengths_pinned, non_blocking=True)
+            self._prepare_prologue()
+
+    def _prepare_prologue(self) -> None:
+        """The first tick's prologue rows from the state (later ticks get them from loop_emit)."""
+        kernels.loop_prologue_rows(self.live, self.depth, self.slot, self.position, self.phases.scratch,
+                                   *self.entering)
 
     def refresh_tables(self, seqs: list[Sequence]) -> None:
         """Bring the device block tables of rows 0..len(seqs)-1 up to date (new pages reserved
@@ -230,16 +240,19 @@ class DecodeLoop:
         False), so they touch only the scratch row; the live mask is restored afterwards."""
         live = self.live.clone()
         self.live.zero_()
+        self._prepare_prologue()
         self.graphs[(sampling, rows)], _ = capture_graph(lambda: self._tick(sampling, rows))
         self.live.copy_(live)
+        self._prepare_prologue()
         self.step.zero_()
 
     # ---- one tick on the device ---------------------------------------------------------------
     def _tick(self, sampling: bool, rows: int) -> None:
         """One tick over state rows 0..rows-1 (the rows past the loaded ones are inert): the phases,
-        with the rows' bookkeeping between them in four fused launches (kernels.loop_*, whose
+        with the rows' bookkeeping between them in three fused launches (kernels.loop_*, whose
         docstrings in kernels.reference define the state; a row's depth is -d from the pass it
-        leaves the block at depth d to the end of the tick)."""
+        leaves the block at depth d to the end of the tick). The prologue's rows were written by
+        the last tick's loop_emit (or by load)."""
         phases, kv, nr, scratch = self.phases, self.phases.kv, self.mor.num_recursions, self.phases.scratch
         token, position, depth, target, slot, live, lengths = (
             t[:rows] for t in (self.token, self.position, self.depth, self.target, self.slot, self.live, self.lengths))
@@ -248,7 +261,7 @@ class DecodeLoop:
         block_tables = tables.view(-1, *tables.shape[2:])      # GROUP = row * stages + stage
         cos, sin = phases.rope(position)                     # every phase of the tick: same rows
 
-        slots, entries, kv_lens = kernels.loop_prologue_rows(live, depth, slot, position, scratch)
+        slots, entries, kv_lens = (t[:rows] for t in self.entering)
         attends = kv.attend_fns(stage0, row_ids, entries, kv_lens, phases.prologue_columns)
         entered = phases.prologue(token, slots, attends, cos, sin)
         for k in range(nr if self.depth_sync else 1):
@@ -263,5 +276,6 @@ class DecodeLoop:
         logits = phases.epilogue(slots, attends, cos, sin)
         drawn_at = position + 1 if sampling else position          # greedy rows draw nothing: no launch
         new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], drawn_at, sampling)
-        kernels.loop_emit(depth, token, position, new, logprob, valid, self.out_tokens[:, :rows],
-                          self.out_depths[:, :rows], self.out_logprobs[:, :rows], self.step)
+        kernels.loop_emit(live, depth, slot, position, token, new, logprob, valid, self.out_tokens[:, :rows],
+                          self.out_depths[:, :rows], self.out_logprobs[:, :rows], self.step, scratch,
+                          *(t[:rows] for t in self.entering))
