@@ -93,7 +93,7 @@ def _prologue_rows_kernel(live, depth, slot, position, slots_out, entries_out, k
 @triton.jit
 def _block_meta_kernel(live, depth, slot, position, target, lengths, entered_target, prologue_counts, occupancy,
                        exits, step, slot_out, position_out, group_out, entry_out, kv_len_out, depth_out, target_out,
-                       r, stages, stride_lengths, stride_counts, scratch, num_recursions,
+                       r, stages, stride_lengths, stride_counts, stride_prologue, scratch, num_recursions,
                        SHARE_FIRST: tl.constexpr, ENTER: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_NR: tl.constexpr):
     rows = tl.arange(0, BLOCK_R)
@@ -110,7 +110,7 @@ def _block_meta_kernel(live, depth, slot, position, target, lengths, entered_tar
         tl.store(depth + rows, dep, mask=in_rows)
         tl.store(target + rows, tgt, mask=in_rows)
         tl.store(row_lengths, pos + 1, mask=fresh)
-        tl.store(prologue_counts + s, tl.sum(fresh.to(tl.int64), axis=0))
+        tl.store(prologue_counts + s * stride_prologue, tl.sum(fresh.to(tl.int64), axis=0))
         depths = tl.arange(0, BLOCK_NR)
         tl.store(exits + s * stride_counts + depths, tl.zeros([BLOCK_NR], tl.int64), mask=depths < num_recursions)
     active = alive & (dep >= 1)
@@ -245,7 +245,7 @@ def loop_block_meta(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor,
     block_r = _block_r(r)
     _block_meta_kernel[(1,)](live, depth, slot, position, target, lengths, entered_target, prologue_counts,
                              occupancy, exits, step, *fields, r, lengths.shape[1], lengths.stride(0),
-                             occupancy.stride(0), scratch, num_recursions, SHARE_FIRST=share_first, ENTER=enter,
+                             occupancy.stride(0), prologue_counts.stride(0), scratch, num_recursions, SHARE_FIRST=share_first, ENTER=enter,
                              BLOCK_R=block_r, BLOCK_NR=_block_nr(num_recursions), num_warps=_warps(block_r))
     return meta
 

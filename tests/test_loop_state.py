@@ -60,14 +60,19 @@ def _state(rows: int, nr: int, stages: int, block_depths: bool) -> dict[str, tor
                 position=torch.randint(0, 300, (rows,), **long),
                 target=torch.randint(1, nr + 1, (rows,), **long),
                 lengths=torch.randint(0, 300, (rows, stages), **long),
-                occupancy=torch.randint(0, 9, (STEPS, nr), **long),
-                exits=torch.randint(0, 9, (STEPS, nr), **long),
-                prologue_counts=torch.randint(0, 9, (STEPS,), **long),
+                counts=torch.randint(0, 9, (STEPS, 2 * nr + 1), **long),
                 step=torch.randint(0, STEPS, (1,), **long))
 
 
 def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: t.clone() for name, t in state.items()}
+    """A copy of the state, with the per-step counts as the loop keeps them: views (occupancy,
+    exits [steps, Nr], prologue_counts [steps]) of one packed [steps, 2 Nr + 1] tensor."""
+    out = {name: t.clone() for name, t in state.items()}
+    if "counts" in out:
+        nr = (out["counts"].shape[1] - 1) // 2
+        out["occupancy"], out["exits"], out["prologue_counts"] = out["counts"].split([nr, nr, 1], dim=1)
+        out["prologue_counts"] = out["prologue_counts"].squeeze(1)
+    return out
 
 
 def _assert_equal(got, expected) -> None:

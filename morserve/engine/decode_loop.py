@@ -40,8 +40,23 @@ from morserve.engine.sequence import Chunk, Sequence
 
 # rows of the host field mirror: token, position, depth, target, slot, live, seed
 SLOT_ROW, LIVE_ROW, SEED_ROW = 4, 5, 6
-_STEP_OUTPUTS = ("out_tokens", "out_depths", "out_logprobs", "out_occupancy", "out_exits", "out_prologue")
-_ROW_STATE = ("depth", "position", "target", "lengths")
+# the tick's int64 records and the row state the host takes back, each packed in one tensor (one
+# read-back copy each, with the float32 log-probabilities a third)
+_PACKED = ("records", "out_logprobs", "row_state")
+
+
+def _record_views(records: torch.Tensor, rows: int, nr: int) -> dict[str, torch.Tensor]:
+    """records [steps, 2 * rows + 2 * nr + 1] -> out_tokens, out_depths [steps, rows], out_occupancy,
+    out_exits [steps, nr], out_prologue [steps] (views)."""
+    tokens, depths, occupancy, exits, prologue = records.split([rows, rows, nr, nr, 1], dim=1)
+    return dict(out_tokens=tokens, out_depths=depths, out_occupancy=occupancy, out_exits=exits,
+                out_prologue=prologue.squeeze(1))
+
+
+def _state_views(row_state: torch.Tensor, rows: int, stages: int) -> dict[str, torch.Tensor]:
+    """row_state [rows * (3 + stages)] -> depth, position, target [rows], lengths [rows, stages] (views)."""
+    depth, position, target, lengths = row_state.split([rows, rows, rows, rows * stages])
+    return dict(depth=depth, position=position, target=target, lengths=lengths.view(rows, stages))
 
 
 @dataclass
@@ -84,25 +99,26 @@ class DecodeLoop:
         dev, nr = runner.device, self.mor.num_recursions
         with torch.inference_mode():
             long = dict(dtype=torch.long, device=dev)
-            self.token, self.position = torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long)
-            self.depth, self.target = torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long)
+            self.token = torch.zeros(max_seqs, **long)
+            self.row_state = torch.zeros(max_seqs * (3 + stages), **long)
+            self.depth, self.position, self.target, self.lengths = _state_views(self.row_state, max_seqs,
+                                                                                stages).values()
             self.slot = torch.full((max_seqs,), runner.pool_size, **long)
             self.seed = torch.zeros(max_seqs, **long)
             self.temperature = torch.zeros(max_seqs, dtype=torch.float32, device=dev)
             self.live = torch.zeros(max_seqs, dtype=torch.bool, device=dev)
-            self.lengths = torch.zeros(max_seqs, stages, **long)
             self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
-            self.row_ids = torch.arange(max_seqs, dtype=torch.int32, device=dev)   # stage-0 table rows
+            # the block tables are passed as the view [rows * stages, width, layers]: group row * stages
+            # + stage is (row, stage); the stage-0 phases read groups row * stages
+            self.stage0_groups = torch.arange(0, max_seqs * stages, stages, dtype=torch.int32, device=dev)
             # the next tick's prologue rows (stage-0 slots, entries, kv_lens): loop_emit writes them
             self.entering = (torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long),
                              torch.zeros(max_seqs, dtype=torch.int32, device=dev))
             self.step = torch.zeros(1, **long)
-            self.out_tokens = torch.zeros(max_steps, max_seqs, **long)
-            self.out_depths = torch.zeros(max_steps, max_seqs, **long)
+            self.records = torch.zeros(max_steps, 2 * max_seqs + 2 * nr + 1, **long)
+            (self.out_tokens, self.out_depths, self.out_occupancy, self.out_exits,
+             self.out_prologue) = _record_views(self.records, max_seqs, nr).values()
             self.out_logprobs = torch.zeros(max_steps, max_seqs, dtype=torch.float32, device=dev)
-            self.out_occupancy = torch.zeros(max_steps, nr, **long)
-            self.out_exits = torch.zeros(max_steps, nr, **long)
-            self.out_prologue = torch.zeros(max_steps, **long)
         # host mirrors of the loaded state (pinned on CUDA; the next load comes after run()'s
         # read-back, so the asynchronous copies out of them have finished by then)
         pin = dev.type == "cuda"
@@ -115,9 +131,13 @@ class DecodeLoop:
         self._tables_host = self._tables_pinned.numpy()
         self._mirrored: list[list] = [[None] * stages for _ in range(max_seqs)]
         self._tables_copied: torch.cuda.Event | None = None   # the mirror may be rewritten once set
-        self._readback = [{name: torch.empty(getattr(self, name).shape, dtype=getattr(self, name).dtype,
-                                             pin_memory=pin) for name in _STEP_OUTPUTS + _ROW_STATE}
-                          for _ in range(2)]
+        self._readback = []
+        for _ in range(2):
+            buffer = {name: torch.empty(getattr(self, name).shape, dtype=getattr(self, name).dtype, pin_memory=pin)
+                      for name in _PACKED}
+            buffer |= _record_views(buffer["records"], max_seqs, nr) | _state_views(buffer["row_state"], max_seqs,
+                                                                                      stages)
+            self._readback.append(buffer)
         self._next_buffer = 0
         self.sampling = False          # some row draws at random: the tick computes the draw
         self.rows = 0                  # rows the tick runs over: the loaded ones (padded on CUDA)
@@ -213,10 +233,9 @@ class DecodeLoop:
                     self._tick(*key)
             buffer = self._readback[self._next_buffer]
             self._next_buffer ^= 1
-            for name in _STEP_OUTPUTS:
-                buffer[name][:steps].copy_(getattr(self, name)[:steps], non_blocking=True)
-            for name in _ROW_STATE:
-                buffer[name].copy_(getattr(self, name), non_blocking=True)
+            buffer["records"][:steps].copy_(self.records[:steps], non_blocking=True)
+            buffer["out_logprobs"][:steps].copy_(self.out_logprobs[:steps], non_blocking=True)
+            buffer["row_state"].copy_(self.row_state, non_blocking=True)
             done = torch.cuda.Event() if self.token.is_cuda else None
             if done is not None:
                 done.record()
@@ -256,23 +275,21 @@ class DecodeLoop:
         phases, kv, nr, scratch = self.phases, self.phases.kv, self.mor.num_recursions, self.phases.scratch
         token, position, depth, target, slot, live, lengths = (
             t[:rows] for t in (self.token, self.position, self.depth, self.target, self.slot, self.live, self.lengths))
-        tables, row_ids = self.tables[:rows], self.row_ids[:rows]
-        stage0 = tables[:, 0]
-        block_tables = tables.view(-1, *tables.shape[2:])      # GROUP = row * stages + stage
+        tables, stage0_groups = self.tables[:rows].flatten(0, 1), self.stage0_groups[:rows]
         cos, sin = phases.rope(position)                     # every phase of the tick: same rows
 
         slots, entries, kv_lens = (t[:rows] for t in self.entering)
-        attends = kv.attend_fns(stage0, row_ids, entries, kv_lens, phases.prologue_columns)
+        attends = kv.attend_fns(tables, stage0_groups, entries, kv_lens, phases.prologue_columns)
         entered = phases.prologue(token, slots, attends, cos, sin)
         for k in range(nr if self.depth_sync else 1):
             meta = kernels.loop_block_meta(live, depth, slot, position, target, lengths,
                                            target if entered is None else entered, self.out_prologue,
                                            self.out_occupancy, self.out_exits, self.step, scratch, nr,
                                            self.stages.share_first, enter=k == 0)
-            cont, _ = phases.block(meta, block_tables)
+            cont, _ = phases.block(meta, tables)
             slots, entries, kv_lens = kernels.loop_block_exit(live, depth, cont, slot, position, self.out_exits,
                                                               self.step, nr, scratch)
-        attends = kv.attend_fns(stage0, row_ids, entries, kv_lens, phases.epilogue_columns)
+        attends = kv.attend_fns(tables, stage0_groups, entries, kv_lens, phases.epilogue_columns)
         logits = phases.epilogue(slots, attends, cos, sin)
         drawn_at = position + 1 if sampling else position          # greedy rows draw nothing: no launch
         new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], drawn_at, sampling)
