@@ -163,3 +163,28 @@ def test_loop_emit(rows: int) -> None:
     assert int(s["step"]) == int(state["step"]) + 1 and torch.all(s["depth"] >= 0)
     # the next tick's prologue rows: exactly the live rows whose token was just sampled or was waiting
     assert torch.equal(s["kv_lens"] > 0, s["live"] & (s["depth"] == 0))
+
+
+@pytest.mark.parametrize("kv_mode", ["recursion", "share_first"])
+def test_loop_block_meta_follows_the_host_cache_stage_rule(kv_mode: str) -> None:
+    """The kernel's SHARE_FIRST rule is CacheStages': per row of the pass, the group's stage is
+    read_stage(d), the entry is the row's length at write_stage(d) (or -1), and only that length grows."""
+    from engine_utils import tiny_model
+    from morserve.engine.stages import CacheStages
+
+    nr, rows = 4, 17
+    stages = CacheStages(tiny_model("expert", kv_mode, nr).config)
+    s = _clone(_state(rows, nr, stages.num_stages, block_depths=True))
+    before = s["lengths"].clone()
+    meta = tri.loop_block_meta(s["live"], s["depth"], s["slot"], s["position"], s["target"], s["lengths"],
+                               s["target"], s["prologue_counts"], s["occupancy"], s["exits"], s["step"], SCRATCH, nr,
+                               stages.share_first, enter=False)
+    for row in range(rows):
+        d, grown = int(s["depth"][row]), (s["lengths"][row] - before[row]).tolist()
+        if not (s["live"][row] and d >= 1):
+            assert int(meta[ENTRY, row]) == -1 and not any(grown)
+            continue
+        assert int(meta[GROUP, row]) == row * stages.num_stages + stages.read_stage(d)
+        write = stages.write_stage(d)
+        assert int(meta[ENTRY, row]) == (-1 if write is None else int(before[row, write]))
+        assert grown == [int(stage == write) for stage in range(stages.num_stages)]
