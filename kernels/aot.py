@@ -102,22 +102,24 @@ def _engine_calls(shape: tuple, dtype: torch.dtype, rows: int) -> None:
     _loop_state_calls(rows)
 
 
-def _loop_state_calls(rows: int, num_recursions: int = 4, steps: int = 8) -> None:
+def _loop_state_calls(rows: int, steps: int = 8) -> None:
     """The decode loop's bookkeeping over `rows` state rows (kernels/loop_state.py), for both
-    cache-stage rules and both kinds of block pass (a tick's first, with the prologue's rows)."""
+    cache-stage rules, both kinds of block pass (a tick's first, with the prologue's rows) and
+    vanilla (Nr = 1, specialised as a constant) or MoR (Nr = 4) models."""
     long = dict(dtype=torch.long)
     live, cont = torch.ones(rows, dtype=torch.bool), torch.ones(rows, dtype=torch.bool)
     depth, slot, position, target = (torch.zeros(rows, **long) for _ in range(4))
-    occupancy, exits = torch.zeros(steps, num_recursions, **long), torch.zeros(steps, num_recursions, **long)
-    prologue, step = torch.zeros(steps, **long), torch.zeros(1, **long)
     entering = (torch.zeros(rows, **long), torch.zeros(rows, **long), torch.zeros(rows, dtype=torch.int32))
+    prologue, step = torch.zeros(steps, **long), torch.zeros(1, **long)
     tri.loop_prologue_rows(live, depth, slot, position, rows, *entering)
-    for share_first in (False, True):
-        lengths = torch.zeros(rows, 2 if share_first else num_recursions + 1, **long)
-        for enter in (True, False):
-            tri.loop_block_meta(live, depth, slot, position, target, lengths, target, prologue, occupancy, exits,
-                                step, rows, num_recursions, share_first, enter=enter)
-    tri.loop_block_exit(live, depth, cont, slot, position, exits, step, num_recursions, rows)
+    for num_recursions in (1, 4):
+        occupancy, exits = torch.zeros(steps, num_recursions, **long), torch.zeros(steps, num_recursions, **long)
+        for share_first in (False, True):
+            lengths = torch.zeros(rows, 2 if share_first else num_recursions + 1, **long)
+            for enter in (True, False):
+                tri.loop_block_meta(live, depth, slot, position, target, lengths, target, prologue, occupancy,
+                                    exits, step, rows, num_recursions, share_first, enter=enter)
+        tri.loop_block_exit(live, depth, cont, slot, position, exits, step, num_recursions, rows)
     tri.loop_emit(live, depth, slot, position, target, target, torch.zeros(rows), cont,
                   torch.zeros(steps, rows, **long), torch.zeros(steps, rows, **long), torch.zeros(steps, rows), step,
                   rows, *entering)
