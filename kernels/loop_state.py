@@ -245,8 +245,9 @@ def loop_block_meta(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor,
     block_r = _block_r(r)
     _block_meta_kernel[(1,)](live, depth, slot, position, target, lengths, entered_target, prologue_counts,
                              occupancy, exits, step, *fields, r, lengths.shape[1], lengths.stride(0),
-                             occupancy.stride(0), prologue_counts.stride(0), scratch, num_recursions, SHARE_FIRST=share_first, ENTER=enter,
-                             BLOCK_R=block_r, BLOCK_NR=_block_nr(num_recursions), num_warps=_warps(block_r))
+                             occupancy.stride(0), prologue_counts.stride(0), scratch, num_recursions,
+                             SHARE_FIRST=share_first, ENTER=enter, BLOCK_R=block_r, BLOCK_NR=_block_nr(num_recursions),
+                             num_warps=_warps(block_r))
     return meta
 
 
