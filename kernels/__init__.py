@@ -1,6 +1,7 @@
 """Kernels of the engine's hot path: row gather/scatter, RMSNorm (alone, after a residual add, after
 a gather), SwiGLU's silu * up, paged KV store (optionally fused with RoPE), paged recursion-wise
-attention, and the LM head's greedy tail (argmax, its log-probability, finiteness).
+attention, the LM head's greedy tail (argmax, its log-probability, finiteness), and the decode
+loop's row-state bookkeeping (loop_*: a multi-step tick's masks, counts and records in three launches).
 
 Three ways to call each op, all with one signature:
 - `kernels.reference.<op>`: pure PyTorch, any device (the oracle of the tests);
@@ -49,6 +50,11 @@ lm_head_tail = _dispatching(reference.lm_head_tail)
 store_kv = _dispatching(reference.store_kv)
 store_kv_rope = _dispatching(reference.store_kv_rope)
 paged_attention = _dispatching(reference.paged_attention)
+loop_prologue_rows = _dispatching(reference.loop_prologue_rows)
+loop_block_meta = _dispatching(reference.loop_block_meta)
+loop_block_exit = _dispatching(reference.loop_block_exit)
+loop_emit = _dispatching(reference.loop_emit)
 
 __all__ = ["add_rmsnorm", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail", "paged_attention", "rms_norm",
-           "scatter_rows", "silu_mul", "store_kv", "store_kv_rope"]
+           "scatter_rows", "silu_mul", "store_kv", "store_kv_rope",
+           "loop_block_exit", "loop_block_meta", "loop_emit", "loop_prologue_rows"]

@@ -36,6 +36,7 @@ import kernels.activation
 import kernels.attention
 import kernels.kv_store
 import kernels.lm_tail
+import kernels.loop_state
 import kernels.norms
 import kernels.rows
 import kernels.triton_ops as tri
@@ -43,7 +44,8 @@ from kernels._launch import INTERPRETED
 from morserve.model.layers import rope_cos_sin
 
 TARGET = GPUTarget("cuda", 90, 32)
-MODULES = (kernels.activation, kernels.attention, kernels.kv_store, kernels.lm_tail, kernels.norms, kernels.rows)
+MODULES = (kernels.activation, kernels.attention, kernels.kv_store, kernels.lm_tail, kernels.norms, kernels.rows,
+           kernels.loop_state)
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                  torch.int64: "i64", torch.bool: "i1"}
 # (name, hidden, intermediate, heads, kv heads, head dim, vocab): the shapes the engine serves
@@ -97,6 +99,30 @@ def _engine_calls(shape: tuple, dtype: torch.dtype, rows: int) -> None:
     tables = torch.zeros(rows, pages, dtype=torch.int32)
     tri.paged_attention(q_roped, k_cache, v_cache, tables, torch.arange(rows, dtype=torch.int32),
                         torch.ones(rows, dtype=torch.int32), hd ** -0.5)
+    _loop_state_calls(rows)
+
+
+def _loop_state_calls(rows: int, steps: int = 8) -> None:
+    """The decode loop's bookkeeping over `rows` state rows (kernels/loop_state.py), for both
+    cache-stage rules, both kinds of block pass (a tick's first, with the prologue's rows) and
+    vanilla (Nr = 1, specialised as a constant) or MoR (Nr = 4) models."""
+    long = dict(dtype=torch.long)
+    live, cont = torch.ones(rows, dtype=torch.bool), torch.ones(rows, dtype=torch.bool)
+    depth, slot, position, target = (torch.zeros(rows, **long) for _ in range(4))
+    entering = (torch.zeros(rows, **long), torch.zeros(rows, **long), torch.zeros(rows, dtype=torch.int32))
+    prologue, step = torch.zeros(steps, **long), torch.zeros(1, **long)
+    tri.loop_prologue_rows(live, depth, slot, position, rows, *entering)
+    for num_recursions in (1, 4):
+        occupancy, exits = torch.zeros(steps, num_recursions, **long), torch.zeros(steps, num_recursions, **long)
+        for share_first in (False, True):
+            lengths = torch.zeros(rows, 2 if share_first else num_recursions + 1, **long)
+            for enter in (True, False):
+                tri.loop_block_meta(live, depth, slot, position, target, lengths, target, prologue, occupancy,
+                                    exits, step, rows, num_recursions, share_first, enter=enter)
+        tri.loop_block_exit(live, depth, cont, slot, position, exits, step, num_recursions, rows)
+    tri.loop_emit(live, depth, slot, position, target, target, torch.zeros(rows), cont,
+                  torch.zeros(steps, rows, **long), torch.zeros(steps, rows, **long), torch.zeros(steps, rows), step,
+                  rows, *entering)
 
 
 def _arg_type(value) -> tuple[str, object | None, bool]:

@@ -115,3 +115,125 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v = v.masked_fill(~visible[:, :, None, None], 0.0)                       # unread slots may hold NaN
         out[rows] = torch.einsum("rkgs,rskd->rkgd", probs, v).reshape(r, h, d).to(q.dtype)
     return out
+
+
+# --- the decode loop's row state (kernels/loop_state.py) --------------------------------------------
+# The multi-step decode loop (morserve/engine/decode_loop.py) keeps one row per sequence: live [R]
+# bool, depth [R] int64 (0 = the row's token has not entered the model, 1..Nr = its block depth,
+# -d = it left the block at depth d in this tick), slot / position / target [R] int64, lengths
+# [R, stages] int64 (K/V entries per cache stage), and per-tick records indexed by the device
+# counter step [1]. These ops update that state in place, a tick's bookkeeping in three launches
+# (loop_block_meta, loop_block_exit, loop_emit; loop_prologue_rows prepares the first tick).
+
+def _stage0_rows(use: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
+                 scratch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage-0 metadata of a prologue / epilogue over the rows `use` selects: (pool slot int64, the
+    scratch row elsewhere; entry written int64 = position, -1 elsewhere; kv_len int32 = position + 1,
+    0 elsewhere)."""
+    return (torch.where(use, slot, scratch), torch.where(use, position, -1),
+            torch.where(use, position + 1, 0).to(torch.int32))
+
+
+def cache_stage_fields(depth: torch.Tensor, active: torch.Tensor, position: torch.Tensor, lengths: torch.Tensor,
+                       share_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cache-stage rule of morserve.engine.stages.CacheStages on device rows: depth [R] (1..Nr
+    where active), lengths [R, stages] -> (stage read [R], entry written or -1 [R], kv_len [R],
+    writes [R] bool) of a block pass over the active rows. Recursion-wise a row reads and writes
+    stage `depth`; share-first (`share_first`) it reads stage 1 and only depth 1 writes, deeper
+    rows seeing every entry up to their position. Inactive rows write nothing and see nothing."""
+    writes = active & (depth == 1) if share_first else active
+    stage = torch.ones_like(depth) if share_first else depth
+    entry = torch.where(writes, lengths.gather(1, stage[:, None]).squeeze(1), -1)
+    kv_len = torch.where(active, torch.where(writes, entry + 1, position + 1), 0)
+    return stage, entry, kv_len, writes
+
+
+def loop_prologue_rows(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
+                       scratch: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
+    """The prologue's rows of a decode-loop tick: the live rows at depth 0 (their token enters the
+    model). Writes their stage-0 metadata into slots [R] int64, entries [R] int64 and kv_lens [R]
+    int32 (the buffers the next tick reads), inert elsewhere (the scratch pool row, entry -1,
+    kv_len 0)."""
+    for out, value in zip((slots, entries, kv_lens), _stage0_rows(live & (depth == 0), slot, position, scratch)):
+        out.copy_(value)
+
+
+def loop_block_meta(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
+                    target: torch.Tensor, lengths: torch.Tensor, entered_target: torch.Tensor,
+                    prologue_counts: torch.Tensor, occupancy: torch.Tensor, exits: torch.Tensor, step: torch.Tensor,
+                    scratch: int, num_recursions: int, share_first: bool, enter: bool) -> torch.Tensor:
+    """Before a block pass of a decode-loop tick, in place, and the pass's packed metadata.
+
+    With `enter` (the tick's first pass, after the prologue) the prologue's rows (live, depth 0)
+    enter the block: depth 1, lengths[:, 0] = position + 1, target = entered_target (the depths
+    token choice chose; pass `target` itself when the router chooses none), and
+    prologue_counts[step] = their number, exits[step] = 0.
+    Then the rows in the block (live, depth >= 1) are the pass's: by cache_stage_fields' rule each
+    gets its stage, entry and kv_len, lengths[row, stage] += the entry it writes, and
+    occupancy[step, d - 1] counts them per depth d (set with `enter`, added to otherwise).
+    Returns meta [7, R] int64, rows in morserve.engine.tick's order SLOT, POSITION, GROUP, ENTRY,
+    KV_LEN, DEPTH, TARGET: GROUP = row * stages + stage indexes the block tables viewed as
+    [R * stages, width, layers]; rows not in the pass are inert (scratch slot, entry -1,
+    kv_len 0, depth Nr)."""
+    from morserve.engine.tick import DEPTH, ENTRY, GROUP, KV_LEN, NUM_FIELDS, POSITION, SLOT, TARGET  # deferred
+
+    rows, stages = lengths.shape
+    if enter:
+        fresh = live & (depth == 0)
+        depth.copy_(torch.where(fresh, 1, depth))
+        lengths[:, 0] = torch.where(fresh, position + 1, lengths[:, 0])
+        target.copy_(torch.where(fresh, entered_target, target))
+        prologue_counts.index_copy_(0, step, fresh.sum().view(1))
+        exits.index_fill_(0, step, 0)
+    active = live & (depth >= 1)
+    d = depth.clamp(1, num_recursions)
+    stage, entry, kv_len, writes = cache_stage_fields(d, active, position, lengths, share_first)
+    lengths.scatter_add_(1, stage[:, None], writes.long()[:, None])
+    at_depth = (active[:, None] & (d[:, None] == torch.arange(1, num_recursions + 1, device=d.device))).sum(0)
+    if enter:
+        occupancy.index_copy_(0, step, at_depth[None])
+    else:
+        occupancy.index_add_(0, step, at_depth[None])
+    meta = torch.empty(NUM_FIELDS, rows, dtype=torch.long, device=depth.device)
+    meta[SLOT], meta[POSITION] = torch.where(active, slot, scratch), position
+    meta[GROUP] = torch.arange(rows, device=depth.device) * stages + stage
+    meta[ENTRY], meta[KV_LEN] = entry, kv_len
+    meta[DEPTH], meta[TARGET] = torch.where(active, d, num_recursions), target
+    return meta
+
+
+def loop_block_exit(live: torch.Tensor, depth: torch.Tensor, cont: torch.Tensor, slot: torch.Tensor,
+                    position: torch.Tensor, exits: torch.Tensor, step: torch.Tensor, num_recursions: int,
+                    scratch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After a block pass, in place: the pass's rows (live, depth >= 1) that continue (cont [R]
+    bool) go one depth deeper, the others leave at their depth d (depth = -d, exits[step, d - 1]
+    counts them). Returns the epilogue's stage-0 rows as loop_prologue_rows does, over the rows
+    that left the block in this tick (depth < 0)."""
+    active = live & (depth >= 1)
+    d = depth.clamp(1, num_recursions)
+    left = active & ~cont
+    at_depth = (left[:, None] & (d[:, None] == torch.arange(1, num_recursions + 1, device=d.device))).sum(0)
+    exits.index_add_(0, step, at_depth[None])
+    depth.copy_(torch.where(active & cont, depth + 1, torch.where(left, -d, depth)))
+    return _stage0_rows(depth < 0, slot, position, scratch)
+
+
+def loop_emit(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
+              token: torch.Tensor, new: torch.Tensor, logprob: torch.Tensor, valid: torch.Tensor,
+              out_tokens: torch.Tensor, out_depths: torch.Tensor, out_logprobs: torch.Tensor, step: torch.Tensor,
+              scratch: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
+    """The end of a decode-loop tick, in place: the rows that left the block (depth -d) record
+    their sampled token new [R] (-2 where valid [R] is False: no usable token; -1 for the other
+    rows), d and logprob [R] in row `step` of out_tokens / out_depths / out_logprobs [steps, R]
+    (0 and the logprob as given for the other rows); the token becomes the row's token in flight
+    at the next position, depth 0; step += 1; and the next tick's prologue rows are written as
+    loop_prologue_rows does."""
+    left = depth < 0
+    out_tokens.index_copy_(0, step, torch.where(left, torch.where(valid, new, -2), -1)[None])
+    out_depths.index_copy_(0, step, torch.where(left, -depth, 0)[None])
+    out_logprobs.index_copy_(0, step, logprob.to(out_logprobs.dtype)[None])
+    token.copy_(torch.where(left, new, token))
+    position.add_(left.long())
+    depth.clamp_(min=0)
+    step.add_(1)
+    loop_prologue_rows(live, depth, slot, position, scratch, slots, entries, kv_lens)

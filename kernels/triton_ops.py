@@ -10,8 +10,10 @@ from kernels.activation import silu_mul
 from kernels.attention import paged_attention
 from kernels.kv_store import store_kv, store_kv_rope
 from kernels.lm_tail import lm_head_tail
+from kernels.loop_state import loop_block_exit, loop_block_meta, loop_emit, loop_prologue_rows
 from kernels.norms import add_rmsnorm, rms_norm
 from kernels.rows import gather_rows, gather_rows_rmsnorm, scatter_rows
 
 __all__ = ["INTERPRETED", "add_rmsnorm", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail", "paged_attention",
-           "rms_norm", "scatter_rows", "silu_mul", "store_kv", "store_kv_rope"]
+           "rms_norm", "scatter_rows", "silu_mul", "store_kv", "store_kv_rope",
+           "loop_block_exit", "loop_block_meta", "loop_emit", "loop_prologue_rows"]

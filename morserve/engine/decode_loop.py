@@ -13,6 +13,11 @@ rows, with masks instead of Python bookkeeping:
    state by CacheStages' rule;
 3. `TickPhases.epilogue` and `sampler.plain_tail` for the rows that left the block; their next
    token is recorded in the tick's output row and enters the prologue in the next tick.
+The bookkeeping between the phases (which rows take part, stage-0 and block metadata, KV lengths,
+per-depth counts, records, the next token in flight and the next tick's prologue rows) is three
+fused ops over the state rows, kernels.loop_block_meta / loop_block_exit / loop_emit (one launch
+each; loop_emit prepares the next tick as vLLM's advance_step does, loop_prologue_rows the first
+tick after a load), so a tick launches the phases' kernels and hardly anything else.
 Rows that take no part in a phase point at the pool's scratch row and write no K/V, so every tick
 has the same shapes: on CUDA the tick over the loaded rows, padded to a bucket size, is captured
 once as a CUDA graph (cuda_graphs.capture_graph) and replayed K times; on the CPU it runs over the
@@ -28,15 +33,30 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import kernels
 from morserve.engine.cuda_graphs import capture_graph, graph_sizes
 from morserve.engine.sampler import as_int64, plain_tail
 from morserve.engine.sequence import Chunk, Sequence
-from morserve.engine.tick import DEPTH, ENTRY, GROUP, KV_LEN, NUM_FIELDS, POSITION, SLOT, TARGET
 
 # rows of the host field mirror: token, position, depth, target, slot, live, seed
 SLOT_ROW, LIVE_ROW, SEED_ROW = 4, 5, 6
-_STEP_OUTPUTS = ("out_tokens", "out_depths", "out_logprobs", "out_occupancy", "out_exits", "out_prologue")
-_ROW_STATE = ("depth", "position", "target", "lengths")
+# the tick's int64 records and the row state the host takes back, each packed in one tensor (one
+# read-back copy each, with the float32 log-probabilities a third)
+_PACKED = ("records", "out_logprobs", "row_state")
+
+
+def _record_views(records: torch.Tensor, rows: int, nr: int) -> dict[str, torch.Tensor]:
+    """records [steps, 2 * rows + 2 * nr + 1] -> out_tokens, out_depths [steps, rows], out_occupancy,
+    out_exits [steps, nr], out_prologue [steps] (views)."""
+    tokens, depths, occupancy, exits, prologue = records.split([rows, rows, nr, nr, 1], dim=1)
+    return dict(out_tokens=tokens, out_depths=depths, out_occupancy=occupancy, out_exits=exits,
+                out_prologue=prologue.squeeze(1))
+
+
+def _state_views(row_state: torch.Tensor, rows: int, stages: int) -> dict[str, torch.Tensor]:
+    """row_state [rows * (3 + stages)] -> depth, position, target [rows], lengths [rows, stages] (views)."""
+    depth, position, target, lengths = row_state.split([rows, rows, rows, rows * stages])
+    return dict(depth=depth, position=position, target=target, lengths=lengths.view(rows, stages))
 
 
 @dataclass
@@ -79,22 +99,26 @@ class DecodeLoop:
         dev, nr = runner.device, self.mor.num_recursions
         with torch.inference_mode():
             long = dict(dtype=torch.long, device=dev)
-            self.token, self.position = torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long)
-            self.depth, self.target = torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long)
+            self.token = torch.zeros(max_seqs, **long)
+            self.row_state = torch.zeros(max_seqs * (3 + stages), **long)
+            self.depth, self.position, self.target, self.lengths = _state_views(self.row_state, max_seqs,
+                                                                                stages).values()
             self.slot = torch.full((max_seqs,), runner.pool_size, **long)
             self.seed = torch.zeros(max_seqs, **long)
             self.temperature = torch.zeros(max_seqs, dtype=torch.float32, device=dev)
             self.live = torch.zeros(max_seqs, dtype=torch.bool, device=dev)
-            self.lengths = torch.zeros(max_seqs, stages, **long)
             self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
-            self.row_ids = torch.arange(max_seqs, **long)
+            # the block tables are passed as the view [rows * stages, width, layers]: group row * stages
+            # + stage is (row, stage); the stage-0 phases read groups row * stages
+            self.stage0_groups = torch.arange(0, max_seqs * stages, stages, dtype=torch.int32, device=dev)
+            # the next tick's prologue rows (stage-0 slots, entries, kv_lens): loop_emit writes them
+            self.entering = (torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long),
+                             torch.zeros(max_seqs, dtype=torch.int32, device=dev))
             self.step = torch.zeros(1, **long)
-            self.out_tokens = torch.zeros(max_steps, max_seqs, **long)
-            self.out_depths = torch.zeros(max_steps, max_seqs, **long)
+            self.records = torch.zeros(max_steps, 2 * max_seqs + 2 * nr + 1, **long)
+            (self.out_tokens, self.out_depths, self.out_occupancy, self.out_exits,
+             self.out_prologue) = _record_views(self.records, max_seqs, nr).values()
             self.out_logprobs = torch.zeros(max_steps, max_seqs, dtype=torch.float32, device=dev)
-            self.out_occupancy = torch.zeros(max_steps, nr, **long)
-            self.out_exits = torch.zeros(max_steps, nr, **long)
-            self.out_prologue = torch.zeros(max_steps, **long)
         # host mirrors of the loaded state (pinned on CUDA; the next load comes after run()'s
         # read-back, so the asynchronous copies out of them have finished by then)
         pin = dev.type == "cuda"
@@ -107,9 +131,13 @@ class DecodeLoop:
         self._tables_host = self._tables_pinned.numpy()
         self._mirrored: list[list] = [[None] * stages for _ in range(max_seqs)]
         self._tables_copied: torch.cuda.Event | None = None   # the mirror may be rewritten once set
-        self._readback = [{name: torch.empty(getattr(self, name).shape, dtype=getattr(self, name).dtype,
-                                             pin_memory=pin) for name in _STEP_OUTPUTS + _ROW_STATE}
-                          for _ in range(2)]
+        self._readback = []
+        for _ in range(2):
+            buffer = {name: torch.empty(getattr(self, name).shape, dtype=getattr(self, name).dtype, pin_memory=pin)
+                      for name in _PACKED}
+            buffer |= _record_views(buffer["records"], max_seqs, nr) | _state_views(buffer["row_state"], max_seqs,
+                                                                                      stages)
+            self._readback.append(buffer)
         self._next_buffer = 0
         self.sampling = False          # some row draws at random: the tick computes the draw
         self.rows = 0                  # rows the tick runs over: the loaded ones (padded on CUDA)
@@ -162,6 +190,12 @@ class DecodeLoop:
             self.seed.copy_(device_fields[SEED_ROW])
             self.temperature.copy_(self._temperatures_pinned, non_blocking=True)
             self.lengths.copy_(self._lengths_pinned, non_blocking=True)
+            self._prepare_prologue()
+
+    def _prepare_prologue(self) -> None:
+        """The first tick's prologue rows from the state (later ticks get them from loop_emit)."""
+        kernels.loop_prologue_rows(self.live, self.depth, self.slot, self.position, self.phases.scratch,
+                                   *self.entering)
 
     def refresh_tables(self, seqs: list[Sequence]) -> None:
         """Bring the device block tables of rows 0..len(seqs)-1 up to date (new pages reserved
@@ -199,10 +233,9 @@ class DecodeLoop:
                     self._tick(*key)
             buffer = self._readback[self._next_buffer]
             self._next_buffer ^= 1
-            for name in _STEP_OUTPUTS:
-                buffer[name][:steps].copy_(getattr(self, name)[:steps], non_blocking=True)
-            for name in _ROW_STATE:
-                buffer[name].copy_(getattr(self, name), non_blocking=True)
+            buffer["records"][:steps].copy_(self.records[:steps], non_blocking=True)
+            buffer["out_logprobs"][:steps].copy_(self.out_logprobs[:steps], non_blocking=True)
+            buffer["row_state"].copy_(self.row_state, non_blocking=True)
             done = torch.cuda.Event() if self.token.is_cuda else None
             if done is not None:
                 done.record()
@@ -226,61 +259,40 @@ class DecodeLoop:
         False), so they touch only the scratch row; the live mask is restored afterwards."""
         live = self.live.clone()
         self.live.zero_()
+        self._prepare_prologue()
         self.graphs[(sampling, rows)], _ = capture_graph(lambda: self._tick(sampling, rows))
         self.live.copy_(live)
+        self._prepare_prologue()
         self.step.zero_()
 
     # ---- one tick on the device ---------------------------------------------------------------
-    def _record(self, out: torch.Tensor, values: torch.Tensor) -> None:
-        out.index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
-
     def _tick(self, sampling: bool, rows: int) -> None:
-        """One tick over state rows 0..rows-1 (the rows past the loaded ones are inert)."""
-        phases, nr, scratch = self.phases, self.mor.num_recursions, self.phases.scratch
-        token, position, depth_state, target_state = (t[:rows] for t in (self.token, self.position, self.depth,
-                                                                         self.target))
-        slot, live, lengths, tables, row_ids = (t[:rows] for t in (self.slot, self.live, self.lengths, self.tables,
-                                                                   self.row_ids))
-        record = lambda out, values: out[:, :rows].index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
+        """One tick over state rows 0..rows-1 (the rows past the loaded ones are inert): the phases,
+        with the rows' bookkeeping between them in three fused launches (kernels.loop_*, whose
+        docstrings in kernels.reference define the state; a row's depth is -d from the pass it
+        leaves the block at depth d to the end of the tick). The prologue's rows were written by
+        the last tick's loop_emit (or by load)."""
+        phases, kv, nr, scratch = self.phases, self.phases.kv, self.mor.num_recursions, self.phases.scratch
+        token, position, depth, target, slot, live, lengths = (
+            t[:rows] for t in (self.token, self.position, self.depth, self.target, self.slot, self.live, self.lengths))
+        tables, stage0_groups = self.tables[:rows].flatten(0, 1), self.stage0_groups[:rows]
         cos, sin = phases.rope(position)                     # every phase of the tick: same rows
-        stage0 = tables[:, 0]
 
-        fresh = live & (depth_state == 0)
-        attends = phases.stage0_attention(stage0, row_ids, position, phases.prologue_columns, fresh)
-        target = phases.prologue(token, torch.where(fresh, slot, scratch), attends, cos, sin)
-        if target is not None:
-            target_state.copy_(torch.where(fresh, target, target_state))
-        lengths[:, 0].copy_(torch.where(fresh, position + 1, lengths[:, 0]))
-        self._record(self.out_prologue, fresh.sum())
-
-        depth = torch.where(fresh, 1, depth_state)
-        exit_depth = torch.zeros_like(depth)
-        counts = torch.zeros(2, nr, dtype=torch.long, device=depth.device)
-        for _ in range(nr if self.depth_sync else 1):
-            active = live & (depth >= 1)
-            d = depth.clamp(1, nr)
-            stage, entry, kv_len, writes = self.stages.device_fields(d, active, position, lengths)
-            fields = [None] * NUM_FIELDS
-            fields[SLOT], fields[POSITION], fields[GROUP] = torch.where(active, slot, scratch), position, row_ids
-            fields[ENTRY], fields[KV_LEN] = entry, kv_len
-            fields[DEPTH], fields[TARGET] = torch.where(active, d, nr), target_state
-            cont, step_counts = phases.block(torch.stack(fields), tables[row_ids, stage])
-            lengths.scatter_add_(1, stage[:, None], writes.long()[:, None])
-            counts += step_counts
-            left = active & ~cont
-            exit_depth = torch.where(left, d, exit_depth)
-            depth = torch.where(active & cont, depth + 1, torch.where(left, -1, depth))
-        self._record(self.out_occupancy, counts[0])
-        self._record(self.out_exits, counts[1])
-
-        left = depth == -1
-        attends = phases.stage0_attention(stage0, row_ids, position, phases.epilogue_columns, left)
-        logits = phases.epilogue(torch.where(left, slot, scratch), attends, cos, sin)
-        new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], position + 1, sampling)
-        record(self.out_tokens, torch.where(left, torch.where(valid, new, -2), -1))   # -2: the host fails the row
-        record(self.out_depths, exit_depth)
-        record(self.out_logprobs, logprob)
-        token.copy_(torch.where(left, new, token))
-        position.copy_(torch.where(left, position + 1, position))
-        depth_state.copy_(torch.where(left, 0, depth))
-        self.step += 1
+        slots, entries, kv_lens = (t[:rows] for t in self.entering)
+        attends = kv.attend_fns(tables, stage0_groups, entries, kv_lens, phases.prologue_columns)
+        entered = phases.prologue(token, slots, attends, cos, sin)
+        for k in range(nr if self.depth_sync else 1):
+            meta = kernels.loop_block_meta(live, depth, slot, position, target, lengths,
+                                           target if entered is None else entered, self.out_prologue,
+                                           self.out_occupancy, self.out_exits, self.step, scratch, nr,
+                                           self.stages.share_first, enter=k == 0)
+            cont, _ = phases.block(meta, tables)
+            slots, entries, kv_lens = kernels.loop_block_exit(live, depth, cont, slot, position, self.out_exits,
+                                                              self.step, nr, scratch)
+        attends = kv.attend_fns(tables, stage0_groups, entries, kv_lens, phases.epilogue_columns)
+        logits = phases.epilogue(slots, attends, cos, sin)
+        drawn_at = position + 1 if sampling else position          # greedy rows draw nothing: no launch
+        new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], drawn_at, sampling)
+        kernels.loop_emit(live, depth, slot, position, token, new, logprob, valid, self.out_tokens[:, :rows],
+                          self.out_depths[:, :rows], self.out_logprobs[:, :rows], self.step, scratch,
+                          *(t[:rows] for t in self.entering))

@@ -9,12 +9,17 @@ depth 1 writes; deeper recursions read depth 1's entries, all of them up to the 
 This class is the one place that knows the rule: the BlockManager's page accounting, the per-tick
 runner's host metadata, the decode loop's device metadata and the engine's worst-case page bounds
 all ask it, with host integers (`write_stage`, `read_stage`) or device tensors (`device_fields`).
+On the device the rule is one function of the depth and `share_first`, in its two forms of the
+kernels package: `kernels.reference.cache_stage_fields` (what `device_fields` returns) and the
+decode loop's fused bookkeeping kernel (`kernels.loop_block_meta`, its SHARE_FIRST constexpr set
+from `share_first` here), tested against each other and against the host rule.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.reference import cache_stage_fields
 from morserve.config import ModelConfig
 
 
@@ -63,8 +68,4 @@ class CacheStages:
         """The same rule on device rows: depth [R] (1..Nr where active), lengths [R, stages] (entries
         each row holds per stage) -> (stage read [R], entry written or -1 [R], kv_len [R], writes [R])
         for a block pass over the active rows. Inactive rows write nothing and see nothing."""
-        writes = active & (depth == 1) if self.share_first else active
-        stage = torch.ones_like(depth) if self.share_first else depth
-        entry = torch.where(writes, lengths.gather(1, stage[:, None]).squeeze(1), -1)
-        kv_len = torch.where(active, torch.where(writes, entry + 1, position + 1), 0)
-        return stage, entry, kv_len, writes
+        return cache_stage_fields(depth, active, position, lengths, self.share_first)
