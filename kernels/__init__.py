@@ -1,6 +1,8 @@
 """Kernels of the engine's hot path: row gather/scatter, RMSNorm (alone, after a residual add, after
 a gather), SwiGLU's silu * up, paged KV store (optionally fused with RoPE), paged recursion-wise
-attention, and the LM head's greedy tail (argmax, its log-probability, finiteness).
+attention, the phase ends (a layer stack's residual stream into the hidden-state pool, fused with
+each router kind's row update) and the routers' decisions, and the LM head's greedy tail (argmax,
+its log-probability, finiteness).
 
 Three ways to call each op, all with one signature:
 - `kernels.reference.<op>`: pure PyTorch, any device (the oracle of the tests);
@@ -49,6 +51,13 @@ lm_head_tail = _dispatching(reference.lm_head_tail)
 store_kv = _dispatching(reference.store_kv)
 store_kv_rope = _dispatching(reference.store_kv_rope)
 paged_attention = _dispatching(reference.paged_attention)
+scatter_stream = _dispatching(reference.scatter_stream)
+update_plain = _dispatching(reference.update_plain)
+update_token = _dispatching(reference.update_token)
+update_expert = _dispatching(reference.update_expert)
+expert_decide = _dispatching(reference.expert_decide)
+token_decide = _dispatching(reference.token_decide)
 
-__all__ = ["add_rmsnorm", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail", "paged_attention", "rms_norm",
-           "scatter_rows", "silu_mul", "store_kv", "store_kv_rope"]
+__all__ = ["add_rmsnorm", "expert_decide", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail", "paged_attention",
+           "rms_norm", "scatter_rows", "scatter_stream", "silu_mul", "store_kv", "store_kv_rope", "token_decide",
+           "update_expert", "update_plain", "update_token"]

@@ -88,6 +88,7 @@ class DecodeLoop:
             self.lengths = torch.zeros(max_seqs, stages, **long)
             self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
             self.row_ids = torch.arange(max_seqs, **long)
+            self.depths = torch.arange(1, nr + 1, **long)
             self.step = torch.zeros(1, **long)
             self.out_tokens = torch.zeros(max_steps, max_seqs, **long)
             self.out_depths = torch.zeros(max_steps, max_seqs, **long)
@@ -242,12 +243,11 @@ class DecodeLoop:
         slot, live, lengths, tables, row_ids = (t[:rows] for t in (self.slot, self.live, self.lengths, self.tables,
                                                                    self.row_ids))
         record = lambda out, values: out[:, :rows].index_copy_(0, self.step, values.unsqueeze(0).to(out.dtype))
-        cos, sin = phases.rope(position)                     # every phase of the tick: same rows
         stage0 = tables[:, 0]
 
         fresh = live & (depth_state == 0)
         attends = phases.stage0_attention(stage0, row_ids, position, phases.prologue_columns, fresh)
-        target = phases.prologue(token, torch.where(fresh, slot, scratch), attends, cos, sin)
+        target = phases.prologue(token, torch.where(fresh, slot, scratch), attends)
         if target is not None:
             target_state.copy_(torch.where(fresh, target, target_state))
         lengths[:, 0].copy_(torch.where(fresh, position + 1, lengths[:, 0]))
@@ -264,10 +264,11 @@ class DecodeLoop:
             fields[SLOT], fields[POSITION], fields[GROUP] = torch.where(active, slot, scratch), position, row_ids
             fields[ENTRY], fields[KV_LEN] = entry, kv_len
             fields[DEPTH], fields[TARGET] = torch.where(active, d, nr), target_state
-            cont, step_counts = phases.block(torch.stack(fields), tables[row_ids, stage])
+            cont = phases.block(torch.stack(fields), tables[row_ids, stage])
             lengths.scatter_add_(1, stage[:, None], writes.long()[:, None])
-            counts += step_counts
             left = active & ~cont
+            at_depth = active[:, None] & (d[:, None] == self.depths[None, :])            # [R, Nr]
+            counts += torch.stack([at_depth.sum(0), (at_depth & left[:, None]).sum(0)])
             exit_depth = torch.where(left, d, exit_depth)
             depth = torch.where(active & cont, depth + 1, torch.where(left, -1, depth))
         self._record(self.out_occupancy, counts[0])
@@ -275,7 +276,7 @@ class DecodeLoop:
 
         left = depth == -1
         attends = phases.stage0_attention(stage0, row_ids, position, phases.epilogue_columns, left)
-        logits = phases.epilogue(torch.where(left, slot, scratch), attends, cos, sin)
+        logits = phases.epilogue(torch.where(left, slot, scratch), attends)
         new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], position + 1, sampling)
         record(self.out_tokens, torch.where(left, torch.where(valid, new, -2), -1))   # -2: the host fails the row
         record(self.out_depths, exit_depth)
