@@ -76,10 +76,8 @@ class TickPhases:
         """Attention callbacks of stage-0 layers (table columns `columns`): every row writes entry
         `position` of its group's stage-0 table and sees entries 0..position; rows outside `mask`
         (when given) write and see nothing."""
-        entries, kv_lens = positions, positions + 1
-        if mask is not None:
-            entries, kv_lens = torch.where(mask, entries, -1), torch.where(mask, kv_lens, 0)
-        return self.kv.attend_fns(tables, groups, entries, kv_lens, positions, columns)
+        entries = positions if mask is None else torch.where(mask, positions, -1)
+        return self.kv.attend_fns(tables, groups, entries, entries + 1, positions, columns)
 
     def set_routing(self, slots: torch.Tensor, caps: list[int], thresholds: list[float]) -> None:
         """Write the depth caps and expert thresholds of the tokens entering pool rows `slots`."""
@@ -87,25 +85,27 @@ class TickPhases:
             self.rows.cap.index_copy_(0, slots, torch.tensor(caps, dtype=torch.long).to(self.device))
             self.rows.threshold.index_copy_(0, slots, torch.tensor(thresholds, dtype=torch.float32).to(self.device))
 
-    def _gather(self, layers, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pool rows `slots` and, when `layers` is not empty, their first input norm (one kernel)."""
+    @staticmethod
+    def _gather(layers, pool: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows `index` of `pool` and, when `layers` is not empty, their first input norm (one kernel)."""
         if not len(layers):
-            return kernels.gather_rows(self.rows.hidden, slots), None
+            return kernels.gather_rows(pool, index), None
         norm = layers[0].input_layernorm
-        return kernels.gather_rows_rmsnorm(self.rows.hidden, slots, norm.weight, norm.eps)
+        return kernels.gather_rows_rmsnorm(pool, index, norm.weight, norm.eps)
 
     # ---- the three phases ---------------------------------------------------------------------
     def prologue(self, ids: torch.Tensor, slots: torch.Tensor, attends: list[Callable]) -> torch.Tensor | None:
         """Rows ids [T] into pool rows `slots` (their routing overrides written, set_routing); returns
         the chosen depths [T] (token choice) or None."""
         model = self.model
-        x, residual = run_layers(model.prologue, model.embed_tokens(ids), attends)
+        h, normed = self._gather(model.prologue, model.embed_tokens.weight, ids)      # the embedding is a gather
+        x, residual = run_layers(model.prologue, h, attends, normed)
         return self.routing.enter(model, self.rows, slots, x, residual)
 
     def block(self, meta: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """One block pass: meta [NUM_FIELDS, T] int64, tables [G, M, L] int32 -> continue [T] bool."""
         model, slots = self.model, meta[SLOT]
-        h, normed = self._gather(model.block, slots)
+        h, normed = self._gather(model.block, self.rows.hidden, slots)
         attends = self.kv.attend_fns(tables, meta[GROUP], meta[ENTRY], meta[KV_LEN], meta[POSITION], self.block_columns)
         x, residual = run_layers(model.block, h, attends, normed)
         return self.routing.update(model, self.rows, slots, x, residual, meta[DEPTH], meta[TARGET])
@@ -113,7 +113,7 @@ class TickPhases:
     def epilogue(self, slots: torch.Tensor, attends: list[Callable], rows: torch.Tensor | None = None) -> torch.Tensor:
         """Pool rows `slots` through the last layer(s); logits [R, V] of `rows` of them (all if None)."""
         model = self.model
-        h, normed = self._gather(model.epilogue, slots)
+        h, normed = self._gather(model.epilogue, self.rows.hidden, slots)
         x, residual = run_layers(model.epilogue, h, attends, normed)
         normed = model.norm(x) if residual is None else model.norm.add_forward(x, residual)[0]
         if rows is not None:
