@@ -187,7 +187,8 @@ def test_store_kv_rope(dtype: torch.dtype, page_size: int, h: int, hkv: int, d: 
 def _route_state(t: int, n: int, d: int, dtype: torch.dtype, nr: int = 4) -> dict:
     """Pool-indexed routing state for t rows on distinct pool rows of an n-row pool (scores in
     [0, 0.5): gate weights, whose products with the stream stay small enough for the bf16 tolerance)."""
-    return dict(pool=_rand(n, d, dtype=dtype), copy=_rand(n, d, dtype=dtype), index=torch.randperm(n, device=DEVICE)[:t],
+    return dict(pool=_rand(n, d, dtype=dtype), copy=_rand(n, d, dtype=dtype),
+                index=torch.randperm(n, device=DEVICE)[:t],
                 x=_rand(t, d, dtype=dtype), residual=_rand(t, d, dtype=dtype),
                 score=torch.rand(n, device=DEVICE) * 0.5, cap=torch.randint(1, nr + 1, (n,), device=DEVICE),
                 threshold=torch.rand(n, device=DEVICE), depth=torch.randint(1, nr + 1, (t,), device=DEVICE),

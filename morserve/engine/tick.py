@@ -27,14 +27,14 @@ kind's update (model/routing.py). Which cache stage a depth writes and reads is 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 import kernels
 from morserve.engine.kv_cache import PagedKVCache
 from morserve.engine.stages import CacheStages
-from morserve.model.layers import run_layers
+from morserve.model.layers import DecoderLayer, run_layers
 from morserve.model.mor import MoRModel
 from morserve.model.routing import PoolRows
 
@@ -86,7 +86,8 @@ class TickPhases:
             self.rows.threshold.index_copy_(0, slots, torch.tensor(thresholds, dtype=torch.float32).to(self.device))
 
     @staticmethod
-    def _gather(layers, pool: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _gather(layers: Sequence[DecoderLayer], pool: torch.Tensor,
+                index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows `index` of `pool` and, when `layers` is not empty, their first input norm (one kernel)."""
         if not len(layers):
             return kernels.gather_rows(pool, index), None
