@@ -124,3 +124,26 @@ def test_no_router_takes_every_recursion():
     assert torch.equal(rows.hidden[slots], x + h)
     cont = kind.update(model, rows, slots, x, h, depth, depth)
     assert torch.equal(rows.hidden[slots], h + x) and torch.equal(cont, depth < 3)
+
+
+@pytest.mark.parametrize("router, kv_mode", [("expert", "recursion"), ("token", "share_first")])
+def test_engine_serves_mlp_routers_like_the_reference(router, kv_mode):
+    """MLP routers (router_type "mlp") take the plain-op path of the fused routing: the engine's
+    greedy tokens and depths, per tick and in the decode loop, equal the dense reference's."""
+    from engine_utils import check_against_reference, run_to_completion
+    from morserve.engine import EngineArgs, LLMEngine, SamplingParams
+    from morserve.model.mor import MoRModel
+
+    seed = random.randrange(1 << 30)
+    cfg = tiny_model(router, kv_mode, nr=3).config
+    cfg.mor.router_type = "mlp"
+    model = MoRModel(cfg).init_weights(seed, std=0.3).eval()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = {"a": [3, 1, 4, 1, 5], "b": [9, 2], "c": [6, 5, 3, 5, 8, 9, 7]}
+    for steps in (1, 3):
+        engine = LLMEngine(model, None, EngineArgs(model=model, max_num_batched_tokens=16, block_size=4,
+                                                    num_kv_blocks=400, max_num_seqs=4, num_scheduler_steps=steps))
+        results = run_to_completion(engine, {0: [(rid, p, params) for rid, p in prompts.items()]})
+        ties = sum(check_against_reference(model, p, results[r].outputs[0].token_ids, results[r].outputs[0].depths)
+                   for r, p in prompts.items())
+        assert ties <= 1 and engine.check_no_leak()
