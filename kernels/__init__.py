@@ -1,7 +1,9 @@
 """Kernels of the engine's hot path: row gather/scatter, RMSNorm (alone, after a residual add, after
 a gather), SwiGLU's silu * up, paged KV store (optionally fused with RoPE), paged recursion-wise
-attention, the LM head's greedy tail (argmax, its log-probability, finiteness), and the decode
-loop's row-state bookkeeping (loop_*: a multi-step tick's masks, counts and records in three launches).
+attention, the phase ends (a layer stack's residual stream into the hidden-state pool, fused with
+each router kind's row update) and the routers' decisions, the LM head's greedy tail (argmax,
+its log-probability, finiteness), and the decode loop's row-state bookkeeping (loop_*: a
+multi-step tick's masks, counts and records in three launches).
 
 Three ways to call each op, all with one signature:
 - `kernels.reference.<op>`: pure PyTorch, any device (the oracle of the tests);
@@ -50,11 +52,19 @@ lm_head_tail = _dispatching(reference.lm_head_tail)
 store_kv = _dispatching(reference.store_kv)
 store_kv_rope = _dispatching(reference.store_kv_rope)
 paged_attention = _dispatching(reference.paged_attention)
+scatter_stream = _dispatching(reference.scatter_stream)
+update_plain = _dispatching(reference.update_plain)
+update_token = _dispatching(reference.update_token)
+update_expert = _dispatching(reference.update_expert)
+expert_decide = _dispatching(reference.expert_decide)
+token_decide = _dispatching(reference.token_decide)
+
 loop_prologue_rows = _dispatching(reference.loop_prologue_rows)
 loop_block_meta = _dispatching(reference.loop_block_meta)
 loop_block_exit = _dispatching(reference.loop_block_exit)
 loop_emit = _dispatching(reference.loop_emit)
 
-__all__ = ["add_rmsnorm", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail", "paged_attention", "rms_norm",
-           "scatter_rows", "silu_mul", "store_kv", "store_kv_rope",
+__all__ = ["add_rmsnorm", "expert_decide", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail", "paged_attention",
+           "rms_norm", "scatter_rows", "scatter_stream", "silu_mul", "store_kv", "store_kv_rope", "token_decide",
+           "update_expert", "update_plain", "update_token",
            "loop_block_exit", "loop_block_meta", "loop_emit", "loop_prologue_rows"]

@@ -38,14 +38,15 @@ import kernels.kv_store
 import kernels.lm_tail
 import kernels.loop_state
 import kernels.norms
+import kernels.route
 import kernels.rows
 import kernels.triton_ops as tri
 from kernels._launch import INTERPRETED
 from morserve.model.layers import rope_cos_sin
 
 TARGET = GPUTarget("cuda", 90, 32)
-MODULES = (kernels.activation, kernels.attention, kernels.kv_store, kernels.lm_tail, kernels.norms, kernels.rows,
-           kernels.loop_state)
+MODULES = (kernels.activation, kernels.attention, kernels.kv_store, kernels.lm_tail, kernels.loop_state,
+           kernels.norms, kernels.route, kernels.rows)
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                  torch.int64: "i64", torch.bool: "i1"}
 # (name, hidden, intermediate, heads, kv heads, head dim, vocab): the shapes the engine serves
@@ -75,7 +76,8 @@ class _Recorder:
 
 def _engine_calls(shape: tuple, dtype: torch.dtype, rows: int) -> None:
     """One layer's worth of kernel wrapper calls on engine-shaped CPU tensors (q/k/v as views of
-    one fused projection, int64 slots and pool indices, int32 tables / groups / lengths)."""
+    one fused projection; int64 pool indices, positions, groups, entries and lengths, as the engine's
+    metadata rows; int32 block tables, one layer column of a [groups, pages, layers] table)."""
     _, d, f, h, hkv, hd, vocab = shape
     pool = torch.zeros(rows + 8, d, dtype=dtype)
     index = torch.arange(rows, dtype=torch.int64)
@@ -89,16 +91,28 @@ def _engine_calls(shape: tuple, dtype: torch.dtype, rows: int) -> None:
     tri.lm_head_tail(torch.zeros(min(rows, 256), vocab, dtype=dtype))
     qkv = torch.zeros(rows, (h + 2 * hkv) * hd, dtype=dtype)
     q, k, v = (part.unflatten(-1, (-1, hd)) for part in qkv.split([h * hd, hkv * hd, hkv * hd], dim=-1))
-    cos, sin = rope_cos_sin(torch.arange(rows), hd, 10000.0, dtype)
+    cos, sin = rope_cos_sin(torch.arange(rows + 8), hd, 10000.0, dtype)
     pages = -(-rows // PAGE_SIZE) + 1
     k_cache = torch.zeros(pages, PAGE_SIZE, hkv, hd, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
-    slots = torch.arange(rows, dtype=torch.int64)
-    tri.store_kv(k, v, k_cache, v_cache, slots)
-    q_roped, _ = tri.store_kv_rope(q, k, v, cos, sin, k_cache, v_cache, slots)
-    tables = torch.zeros(rows, pages, dtype=torch.int32)
-    tri.paged_attention(q_roped, k_cache, v_cache, tables, torch.arange(rows, dtype=torch.int32),
-                        torch.ones(rows, dtype=torch.int32), hd ** -0.5)
+    positions = torch.arange(rows, dtype=torch.int64)
+    groups, entries = torch.zeros(rows, dtype=torch.int64), torch.arange(rows, dtype=torch.int64)
+    tables = torch.zeros(rows, pages, 2, dtype=torch.int32)[:, :, 1]
+    tri.store_kv(k, v, k_cache, v_cache, tables, groups, entries)
+    q_roped = tri.store_kv_rope(q, k, v, cos, sin, positions, k_cache, v_cache, tables, groups, entries)
+    tri.paged_attention(q_roped, k_cache, v_cache, tables, groups, positions + 1, hd ** -0.5)
+    # phase ends and routing (4 expert routers / a 4-way token router), pool-indexed state
+    score, cap = torch.zeros(rows + 8, dtype=torch.float32), torch.full((rows + 8,), 4, dtype=torch.int64)
+    threshold, bias, depth = torch.zeros(rows + 8, dtype=torch.float32), torch.zeros(4), torch.ones_like(index)
+    for copy, temp in ((None, None), (pool.clone(), 1.0)):
+        tri.scatter_stream(pool, index, x, x.clone(), copy, temp)
+    tri.scatter_stream(pool, index, x, None, None, 1.0)
+    tri.update_plain(pool, index, x, x.clone(), depth, cap)
+    tri.update_token(pool, index, x, x.clone(), pool.clone(), score, depth, depth)
+    for router_func in ("sigmoid", "tanh"):
+        tri.update_expert(pool, index, x, x.clone(), score, 0.1, router_func, 1.0)
+        tri.expert_decide(torch.zeros(rows, 4, dtype=dtype), depth, index, score, cap, threshold, bias, router_func)
+    tri.token_decide(torch.zeros(rows, 4, dtype=dtype), index, score, cap, bias, 0.1)
     _loop_state_calls(rows)
 
 
@@ -109,7 +123,7 @@ def _loop_state_calls(rows: int, steps: int = 8) -> None:
     long = dict(dtype=torch.long)
     live, cont = torch.ones(rows, dtype=torch.bool), torch.ones(rows, dtype=torch.bool)
     depth, slot, position, target = (torch.zeros(rows, **long) for _ in range(4))
-    entering = (torch.zeros(rows, **long), torch.zeros(rows, **long), torch.zeros(rows, dtype=torch.int32))
+    entering = (torch.zeros(rows, **long), torch.zeros(rows, **long), torch.zeros(rows, **long))
     prologue, step = torch.zeros(steps, **long), torch.zeros(1, **long)
     tri.loop_prologue_rows(live, depth, slot, position, rows, *entering)
     for num_recursions in (1, 4):

@@ -43,10 +43,10 @@ def _row_state(live, depth, rows, in_rows):
 @triton.jit
 def _store_stage0_rows(rows, in_rows, use, slot, position, scratch, slots_out, entries_out, kv_lens_out):
     """Stage-0 metadata over the rows `use` selects: slot (scratch elsewhere), entry = position
-    (-1 elsewhere), kv_len = position + 1 as int32 (0 elsewhere)."""
+    (-1 elsewhere), kv_len = position + 1 (0 elsewhere)."""
     tl.store(slots_out + rows, tl.where(use, slot, scratch), mask=in_rows)
     tl.store(entries_out + rows, tl.where(use, position, -1), mask=in_rows)
-    tl.store(kv_lens_out + rows, tl.where(use, position + 1, 0).to(tl.int32), mask=in_rows)
+    tl.store(kv_lens_out + rows, tl.where(use, position + 1, 0), mask=in_rows)
 
 
 @triton.jit
@@ -204,19 +204,19 @@ def _block_nr(num_recursions: int) -> int:
 
 def _stage0_outputs(r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.empty(r, dtype=torch.long, device=device), torch.empty(r, dtype=torch.long, device=device),
-            torch.empty(r, dtype=torch.int32, device=device))
+            torch.empty(r, dtype=torch.long, device=device))
 
 
 def _check_stage0_outputs(op: str, r: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
     _rows(op, slots, entries, kv_lens)
-    if slots.shape[0] != r or (slots.dtype, entries.dtype, kv_lens.dtype) != (torch.long, torch.long, torch.int32):
-        raise ValueError(f"{op}: slots, entries, kv_lens must be [{r}] int64, int64, int32, got {slots.dtype} "
+    if slots.shape[0] != r or (slots.dtype, entries.dtype, kv_lens.dtype) != (torch.long, torch.long, torch.long):
+        raise ValueError(f"{op}: slots, entries, kv_lens must be [{r}] int64, got {slots.dtype} "
                          f"{tuple(slots.shape)}, {entries.dtype}, {kv_lens.dtype}")
 
 
 def loop_prologue_rows(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
                        scratch: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
-    """The prologue's stage-0 rows (the live rows at depth 0) into slots, entries (int64), kv_lens (int32)."""
+    """The prologue's stage-0 rows (the live rows at depth 0) into slots, entries, kv_lens (int64)."""
     check_tensors("loop_prologue_rows", live, depth, slot, position, slots, entries, kv_lens)
     r = _rows("loop_prologue_rows", live, depth, slot, position)
     _check_stage0_outputs("loop_prologue_rows", r, slots, entries, kv_lens)

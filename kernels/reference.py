@@ -5,7 +5,7 @@ Paged KV layout (one pool per model layer): k_cache / v_cache [num_pages, block_
 A query row t belongs to group g = query_group[t] whose logical KV sequence is
 entry i -> page block_tables[g, i // block_size], offset i % block_size; row t sees entries
 0 .. kv_lens[t] - 1 (so intra-chunk causality is expressed per row; a row that sees nothing gets
-zeros). Slots in slot_mapping are flat: page * block_size + offset, -1 = do not store.
+zeros). The K/V store writes row t at entry entries[t] of its group (-1 = do not store).
 """
 
 from __future__ import annotations
@@ -64,26 +64,36 @@ def lm_head_tail(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return token, logprob, torch.isfinite(x).any(dim=-1)
 
 
+def _slots(block_tables: torch.Tensor, query_group: torch.Tensor, entries: torch.Tensor,
+           page_size: int) -> torch.Tensor:
+    """Flat slots (page * page_size + offset) of entry entries[t] of table row query_group[t]."""
+    entries = entries.long()
+    pages = block_tables[query_group.long(), entries // page_size].long()
+    return pages * page_size + entries % page_size
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write k/v [T, Hkv, D] to flat slots (page * block_size + offset); slot -1 skips the row."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
+             block_tables: torch.Tensor, query_group: torch.Tensor, entries: torch.Tensor) -> None:
+    """Write k/v [T, Hkv, D] at entry entries[t] of table row query_group[t] (block_tables
+    [groups, pages], any strides); entry -1 skips the row."""
+    keep = entries >= 0
+    slots = _slots(block_tables, query_group[keep], entries[keep], k_cache.shape[1])
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
 
 
 def store_kv_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE (half rotation, cos/sin [T, D]) on q [T, H, D] and k [T, Hkv, D], then store_kv of the
-    roped k and v; returns the roped (q, k), new contiguous tensors of q's and k's dtypes."""
+                  positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, query_group: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """RoPE (half rotation; cos/sin: start-up tables [P, D], row positions[t]) on q [T, H, D] and
+    k [T, Hkv, D], then store_kv of the roped k and v; returns the roped q (new, contiguous, q's dtype)."""
     from morserve.model.layers import apply_rope  # deferred: morserve.model may come to import kernels
 
-    q_roped = apply_rope(q, cos, sin).to(q.dtype).contiguous()
-    k_roped = apply_rope(k, cos, sin).to(k.dtype).contiguous()
-    store_kv(k_roped, v, k_cache, v_cache, slot_mapping)
-    return q_roped, k_roped
+    positions = positions.long()
+    cos, sin = cos.index_select(0, positions), sin.index_select(0, positions)
+    k_roped = apply_rope(k, cos, sin).to(k.dtype)
+    store_kv(k_roped, v, k_cache, v_cache, block_tables, query_group, entries)
+    return apply_rope(q, cos, sin).to(q.dtype).contiguous()
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -128,10 +138,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _stage0_rows(use: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
                  scratch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage-0 metadata of a prologue / epilogue over the rows `use` selects: (pool slot int64, the
-    scratch row elsewhere; entry written int64 = position, -1 elsewhere; kv_len int32 = position + 1,
+    scratch row elsewhere; entry written int64 = position, -1 elsewhere; kv_len int64 = position + 1,
     0 elsewhere)."""
     return (torch.where(use, slot, scratch), torch.where(use, position, -1),
-            torch.where(use, position + 1, 0).to(torch.int32))
+            torch.where(use, position + 1, 0))
 
 
 def cache_stage_fields(depth: torch.Tensor, active: torch.Tensor, position: torch.Tensor, lengths: torch.Tensor,
@@ -152,7 +162,7 @@ def loop_prologue_rows(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tens
                        scratch: int, slots: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor) -> None:
     """The prologue's rows of a decode-loop tick: the live rows at depth 0 (their token enters the
     model). Writes their stage-0 metadata into slots [R] int64, entries [R] int64 and kv_lens [R]
-    int32 (the buffers the next tick reads), inert elsewhere (the scratch pool row, entry -1,
+    int64 (the buffers the next tick reads), inert elsewhere (the scratch pool row, entry -1,
     kv_len 0)."""
     for out, value in zip((slots, entries, kv_lens), _stage0_rows(live & (depth == 0), slot, position, scratch)):
         out.copy_(value)
@@ -237,3 +247,86 @@ def loop_emit(live: torch.Tensor, depth: torch.Tensor, slot: torch.Tensor, posit
     depth.clamp_(min=0)
     step.add_(1)
     loop_prologue_rows(live, depth, slot, position, scratch, slots, entries, kv_lens)
+
+# --- phase ends: the residual stream into the hidden-state pool, and the routers' row updates ---------
+# `pool` [N, d] holds one row per token in flight, `index` [T] the batch's pool rows; per-token
+# routing state lives in pool-indexed vectors too (score float32, cap int64, threshold float32).
+
+def _stream(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return x if residual is None else residual + x
+
+
+def _activation(raw: torch.Tensor, router_func: str) -> torch.Tensor:
+    if router_func == "sigmoid":
+        return torch.sigmoid(raw)
+    if router_func == "tanh":
+        return torch.tanh(raw)
+    raise ValueError(f"no router_func {router_func!r}")
+
+
+def scatter_stream(pool: torch.Tensor, index: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                   copy: torch.Tensor | None, temp: float | None) -> torch.Tensor | None:
+    """The stream s = residual + x (x when residual is None) of a layer stack's rows into pool rows
+    `index` (and into `copy` rows when given); returns s / temp (a router's input) when temp is given."""
+    stream = _stream(x, residual)
+    pool.index_copy_(0, index.long(), stream)
+    if copy is not None:
+        copy.index_copy_(0, index.long(), stream)
+    return None if temp is None else stream / temp
+
+
+def update_plain(pool: torch.Tensor, index: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
+                 depth: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """No router: the block's output stream replaces the pool rows; returns continue [T] bool =
+    depth < cap[index] (every token takes every recursion up to its cap)."""
+    pool.index_copy_(0, index.long(), _stream(x, residual))
+    return depth < cap.index_select(0, index.long())
+
+
+def update_token(pool: torch.Tensor, index: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
+                 entry: torch.Tensor, score: torch.Tensor, depth: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Token choice: a token at its final recursion (target == depth) gets entry + score * stream,
+    the others the stream; returns continue [T] bool = target > depth."""
+    index = index.long()
+    stream = _stream(x, residual)
+    gated = entry.index_select(0, index) + score.index_select(0, index)[:, None].to(stream.dtype) * stream
+    pool.index_copy_(0, index, torch.where((target == depth)[:, None], gated, stream))
+    return target > depth
+
+
+def update_expert(pool: torch.Tensor, index: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
+                  score: torch.Tensor, alpha: float, router_func: str, temp: float) -> torch.Tensor:
+    """Expert choice: pool rows h become h + alpha * act(score[index]) * stream (the gate of the
+    recursion just taken); returns the new rows / temp, the routers' input."""
+    index = index.long()
+    gate = alpha * _activation(score.index_select(0, index), router_func)
+    new = pool.index_select(0, index) + gate[:, None].to(pool.dtype) * _stream(x, residual)
+    pool.index_copy_(0, index, new)
+    return new / temp
+
+
+def expert_decide(raw: torch.Tensor, depth: torch.Tensor, index: torch.Tensor, score: torch.Tensor,
+                  cap: torch.Tensor, threshold: torch.Tensor, bias: torch.Tensor, router_func: str) -> torch.Tensor:
+    """raw [T, Nr]: every expert router's score (column r-1 = router r) after the recursion `depth`
+    [T] just taken. The score of the token's next router r = min(depth + 1, Nr) goes to
+    score[index] (float32); returns continue [T] bool = depth < cap[index] and
+    act(score + bias[r-1]) >= threshold[index]."""
+    index = index.long()
+    following = depth.clamp(max=raw.shape[1] - 1)[:, None]
+    nxt = raw.gather(1, following).squeeze(1).float()
+    score.index_copy_(0, index, nxt)
+    takes = _activation(nxt + bias[following.squeeze(1)], router_func) >= threshold.index_select(0, index)
+    return (depth < cap.index_select(0, index)) & takes
+
+
+def token_decide(logits: torch.Tensor, index: torch.Tensor, score: torch.Tensor, cap: torch.Tensor,
+                 bias: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Token choice at entry: logits [T, Nr] -> depth [T] int64 = 1 + argmax over depths
+    1..cap[index] of softmax(logits) + bias; score[index] = alpha * softmax(logits)[depth - 1]."""
+    index = index.long()
+    probs = torch.softmax(logits.float(), dim=-1)
+    depths = torch.arange(1, logits.shape[-1] + 1, device=logits.device)
+    scores = (probs + bias).masked_fill(depths > cap.index_select(0, index)[:, None], float("-inf"))
+    choice = scores.argmax(dim=-1)
+    score.index_copy_(0, index, alpha * probs.gather(1, choice[:, None]).squeeze(1))
+    return choice + 1

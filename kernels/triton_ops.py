@@ -12,8 +12,10 @@ from kernels.kv_store import store_kv, store_kv_rope
 from kernels.lm_tail import lm_head_tail
 from kernels.loop_state import loop_block_exit, loop_block_meta, loop_emit, loop_prologue_rows
 from kernels.norms import add_rmsnorm, rms_norm
+from kernels.route import expert_decide, scatter_stream, token_decide, update_expert, update_plain, update_token
 from kernels.rows import gather_rows, gather_rows_rmsnorm, scatter_rows
 
-__all__ = ["INTERPRETED", "add_rmsnorm", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail", "paged_attention",
-           "rms_norm", "scatter_rows", "silu_mul", "store_kv", "store_kv_rope",
+__all__ = ["INTERPRETED", "add_rmsnorm", "expert_decide", "gather_rows", "gather_rows_rmsnorm", "lm_head_tail",
+           "paged_attention", "rms_norm", "scatter_rows", "scatter_stream", "silu_mul", "store_kv", "store_kv_rope",
+           "token_decide", "update_expert", "update_plain", "update_token",
            "loop_block_exit", "loop_block_meta", "loop_emit", "loop_prologue_rows"]

@@ -29,3 +29,10 @@ def test_mor_tick_counts_every_phase() -> None:
     # one block pass (2 layers) every tick; the prologue and epilogue layer when a token enters / leaves
     assert 2 * c.ticks < c.breakdown["kernels.paged_attention"] <= 4 * c.ticks
     assert c.breakdown["kernels.store_kv_rope"] == c.breakdown["kernels.paged_attention"]
+    # the phases' own work is fused: each block pass ends in one row update, the routers' GEMM and one
+    # decision kernel; no per-phase metadata op (slot mapping, RoPE rows, per-depth counts, router
+    # math) is left. Aten ops beyond the GEMMs: the per-tick host's metadata uploads and depth-cap
+    # writes (detach_, index_copy_), the stage-0 kv_lens (add) and the logit-row select.
+    assert c.breakdown["kernels.update_expert"] == c.breakdown["kernels.expert_decide"] == c.ticks
+    aten = {name for name in c.breakdown if name.startswith("aten.")}
+    assert aten <= {"aten.linear", "aten.matmul", "aten.detach_", "aten.index_copy_", "aten.add", "aten.index_select"}

@@ -131,11 +131,21 @@ def _caches(num_pages: int, page_size: int, hkv: int, d: int, dtype: torch.dtype
     return (torch.full(shape, nan, device=DEVICE, dtype=dtype), torch.full(shape, nan, device=DEVICE, dtype=dtype))
 
 
-def _slots(t: int, num_pages: int, page_size: int) -> torch.Tensor:
-    """Distinct flat slots on shuffled pages, with every third row skipped (-1)."""
-    slots = torch.randperm(num_pages * page_size, device=DEVICE)[:t]
-    slots[::3] = -1
-    return slots
+def _addresses(t: int, num_pages: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(block_tables, query_group, entries) of t rows writing distinct cache slots on shuffled pages,
+    every third row writing nothing (entry -1). The tables are one layer column (a strided view) of
+    a [groups, pages, 3 layers] table, as the engine passes them."""
+    groups = 3
+    width = -(-num_pages // groups)
+    pages = torch.randperm(num_pages, device=DEVICE)
+    tables = torch.full((groups, width, 3), -1, dtype=torch.int32, device=DEVICE)
+    flat = torch.full((groups * width,), -1, dtype=torch.int32, device=DEVICE)
+    flat[:num_pages] = pages.to(torch.int32)
+    tables[:, :, 1] = flat.view(groups, width)
+    cells = torch.randperm(num_pages * page_size, device=DEVICE)[:t]         # (group, entry) cells, distinct
+    group, entry = cells // (width * page_size), cells % (width * page_size)
+    entry[::3] = -1
+    return tables[:, :, 1], group, entry
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,11 +153,12 @@ def _slots(t: int, num_pages: int, page_size: int) -> torch.Tensor:
 def test_store_kv(dtype: torch.dtype, page_size: int, hkv: int, d: int) -> None:
     t, pages = 10, 6
     k, v = _strided(t, hkv, d, dtype), _strided(t, hkv, d, dtype)
-    slot_mapping = _slots(t, pages, page_size)
+    tables, group, entry = _addresses(t, pages, page_size)
     k_cache, v_cache = _caches(pages, page_size, hkv, d, dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    ref.store_kv(k, v, k_ref, v_ref, slot_mapping)
-    tri.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    ref.store_kv(k, v, k_ref, v_ref, tables, group, entry)
+    tri.store_kv(k, v, k_cache, v_cache, tables, group.to(torch.int32), entry)
+    assert not k_ref.isnan().all()                                                 # something was written
     torch.testing.assert_close(k_cache, k_ref, atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0, equal_nan=True)
 
@@ -156,19 +167,105 @@ def test_store_kv(dtype: torch.dtype, page_size: int, hkv: int, d: int) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("page_size,h,hkv,d", [(4, 4, 2, 16), (16, 3, 3, 64)])
 def test_store_kv_rope(dtype: torch.dtype, page_size: int, h: int, hkv: int, d: int) -> None:
-    t, pages = 7, 5
+    t, pages, max_positions = 7, 5, 4096
     q, k, v = _strided(t, h, d, dtype), _strided(t, hkv, d, dtype), _strided(t, hkv, d, dtype)
-    cos, sin = rope_cos_sin(torch.randint(0, 4096, (t,), device=DEVICE), d, 10000.0, dtype)
-    slot_mapping = _slots(t, pages, page_size)
+    cos, sin = rope_cos_sin(torch.arange(max_positions, device=DEVICE), d, 10000.0, dtype)
+    positions = torch.randint(0, max_positions, (t,), device=DEVICE)
+    tables, group, entry = _addresses(t, pages, page_size)
     k_cache, v_cache = _caches(pages, page_size, hkv, d, dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    q_ref_out, k_ref_out = ref.store_kv_rope(q, k, v, cos, sin, k_ref, v_ref, slot_mapping)
-    q_out, k_out = tri.store_kv_rope(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
-    assert q_out.dtype == dtype and k_out.dtype == dtype and q_out.is_contiguous() and k_out.is_contiguous()
+    q_ref_out = ref.store_kv_rope(q, k, v, cos, sin, positions, k_ref, v_ref, tables, group, entry)
+    q_out = tri.store_kv_rope(q, k, v, cos, sin, positions, k_cache, v_cache, tables, group, entry)
+    assert q_out.dtype == dtype and q_out.is_contiguous()
     torch.testing.assert_close(q_out, q_ref_out, **TOL[dtype])
-    torch.testing.assert_close(k_out, k_ref_out, **TOL[dtype])
     torch.testing.assert_close(k_cache, k_ref, equal_nan=True, **TOL[dtype])
     torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0, equal_nan=True)
+
+
+# --- phase ends and routing -------------------------------------------------------------------------
+
+def _route_state(t: int, n: int, d: int, dtype: torch.dtype, nr: int = 4) -> dict:
+    """Pool-indexed routing state for t rows on distinct pool rows of an n-row pool (scores in
+    [0, 0.5): gate weights, whose products with the stream stay small enough for the bf16 tolerance)."""
+    return dict(pool=_rand(n, d, dtype=dtype), copy=_rand(n, d, dtype=dtype),
+                index=torch.randperm(n, device=DEVICE)[:t],
+                x=_rand(t, d, dtype=dtype), residual=_rand(t, d, dtype=dtype),
+                score=torch.rand(n, device=DEVICE) * 0.5, cap=torch.randint(1, nr + 1, (n,), device=DEVICE),
+                threshold=torch.rand(n, device=DEVICE), depth=torch.randint(1, nr + 1, (t,), device=DEVICE),
+                target=torch.randint(1, nr + 1, (t,), device=DEVICE), bias=torch.randn(nr, device=DEVICE) * 0.1)
+
+
+def _both(op: str, state: dict, names: tuple[str, ...], *extra, mutated: tuple[str, ...]):
+    """Run kernels.reference.<op> and kernels.triton_ops.<op> on copies of `state`; returns
+    (reference output, Triton output, reference state, Triton state)."""
+    ref_state = {k: v.clone() for k, v in state.items()}
+    tri_state = {k: v.clone() for k, v in state.items()}
+    ref_out = getattr(ref, op)(*(ref_state[n] if n in ref_state else None for n in names), *extra)
+    tri_out = getattr(tri, op)(*(tri_state[n] if n in tri_state else None for n in names), *extra)
+    for name in state:
+        if name not in mutated:
+            assert torch.equal(ref_state[name], tri_state[name]), f"{op} changed {name}"
+    return ref_out, tri_out, ref_state, tri_state
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual, copy, temp", [(True, False, None), (True, True, 1.5), (False, False, 0.7)])
+def test_scatter_stream(dtype: torch.dtype, residual: bool, copy: bool, temp: float | None) -> None:
+    state = _route_state(9, 13, 200, dtype)
+    names = ("pool", "index", "x", "residual" if residual else "-", "copy" if copy else "-")
+    ref_out, tri_out, ref_state, tri_state = _both("scatter_stream", state, names, temp, mutated=("pool", "copy"))
+    torch.testing.assert_close(tri_state["pool"], ref_state["pool"], **TOL[dtype])
+    torch.testing.assert_close(tri_state["copy"], ref_state["copy"], **TOL[dtype])
+    if temp is None:
+        assert ref_out is None and tri_out is None
+    else:
+        torch.testing.assert_close(tri_out, ref_out, **TOL[dtype])
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_plain_and_token(dtype: torch.dtype) -> None:
+    state = _route_state(11, 16, 96, dtype)
+    ref_cont, tri_cont, ref_state, tri_state = _both("update_plain", state, ("pool", "index", "x", "residual", "depth",
+                                                                             "cap"), mutated=("pool",))
+    assert tri_cont.dtype == torch.bool and torch.equal(tri_cont, ref_cont)
+    torch.testing.assert_close(tri_state["pool"], ref_state["pool"], **TOL[dtype])
+    state["target"][::2] = state["depth"][::2]                                    # half at their final recursion
+    ref_cont, tri_cont, ref_state, tri_state = _both("update_token", state, ("pool", "index", "x", "residual", "copy",
+                                                                             "score", "depth", "target"),
+                                                     mutated=("pool",))
+    assert torch.equal(tri_cont, ref_cont)
+    torch.testing.assert_close(tri_state["pool"], ref_state["pool"], **TOL[dtype])
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("router_func", ["sigmoid", "tanh"])
+def test_update_expert_and_decide(dtype: torch.dtype, router_func: str) -> None:
+    state = _route_state(70, 80, 64, dtype)                                       # 70 rows: two decision programs
+    ref_out, tri_out, ref_state, tri_state = _both("update_expert", state, ("pool", "index", "x", "residual", "score"),
+                                                   0.3, router_func, 1.5, mutated=("pool",))
+    torch.testing.assert_close(tri_out, ref_out, **TOL[dtype])
+    torch.testing.assert_close(tri_state["pool"], ref_state["pool"], **TOL[dtype])
+    state["raw"] = _rand(70, 4, dtype=dtype)[:, :3]                               # 3 routers, strided scores
+    names = ("raw", "depth", "index", "score", "cap", "threshold", "bias")
+    state["depth"] = state["depth"].clamp(max=3)
+    state["cap"] = state["cap"].clamp(max=3)
+    ref_cont, tri_cont, ref_state, tri_state = _both("expert_decide", state, names, router_func, mutated=("score",))
+    torch.testing.assert_close(tri_state["score"], ref_state["score"], atol=0, rtol=0)
+    assert tri_cont.dtype == torch.bool and torch.equal(tri_cont, ref_cont)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nr", [3, 4])
+def test_token_decide(dtype: torch.dtype, nr: int) -> None:
+    state = _route_state(70, 75, 8, dtype, nr)
+    state["logits"] = _rand(70, nr, dtype=dtype) * 3
+    ref_depth, tri_depth, ref_state, tri_state = _both("token_decide", state, ("logits", "index", "score", "cap",
+                                                                               "bias"), 0.1, mutated=("score",))
+    assert tri_depth.dtype == torch.int64 and torch.equal(tri_depth, ref_depth)
+    torch.testing.assert_close(tri_state["score"], ref_state["score"], atol=1e-6, rtol=1e-5)
 
 
 # --- paged attention --------------------------------------------------------------------------------
@@ -256,8 +353,7 @@ def test_reference_paged_attention_is_causal_attention() -> None:
     q, k, v = (torch.randn(t, n, d) for n in (h, hkv, hkv))
     pages = torch.randperm(8)[: -(-t // page_size)]
     k_cache, v_cache = torch.zeros(8, page_size, hkv, d), torch.zeros(8, page_size, hkv, d)
-    slots = (pages[:, None] * page_size + torch.arange(page_size)).flatten()[:t]
-    ref.store_kv(k, v, k_cache, v_cache, slots)
+    ref.store_kv(k, v, k_cache, v_cache, pages[None], torch.zeros(t, dtype=torch.long), torch.arange(t))
     out = ref.paged_attention(q, k_cache, v_cache, pages[None].int(), torch.zeros(t, dtype=torch.int32),
                               torch.arange(1, t + 1, dtype=torch.int32), d ** -0.5)
     dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(h // hkv, 1).transpose(0, 1),
@@ -274,7 +370,7 @@ def test_empty_batch() -> None:
     assert tri.gather_rows_rmsnorm(pool, none, pool[0], 1e-6)[1].shape == (0, 32)
     k_cache, v_cache = _caches(2, 4, 2, 16, torch.float32)
     empty = _rand(0, 2, 16, dtype=torch.float32)
-    tri.store_kv(empty, empty, k_cache, v_cache, none)
+    tri.store_kv(empty, empty, k_cache, v_cache, none.view(1, 0), none, none)
     assert tri.paged_attention(empty, k_cache, v_cache, none.view(1, 0), none, none, 0.25).shape == (0, 2, 16)
 
 

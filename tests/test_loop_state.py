@@ -88,7 +88,7 @@ def _entering(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage-0 output buffers holding stale values (what the last tick left there)."""
     return (torch.randint(0, 50, (rows,), dtype=torch.long, device=DEVICE),
             torch.randint(0, 50, (rows,), dtype=torch.long, device=DEVICE),
-            torch.randint(0, 50, (rows,), dtype=torch.int32, device=DEVICE))
+            torch.randint(0, 50, (rows,), dtype=torch.long, device=DEVICE))
 
 
 @pytest.mark.parametrize("rows", [1, 13, 40])

@@ -1,7 +1,7 @@
 """The router kinds behind morserve.model.routing.Routing (none / expert / token) against the
 routing math written out from design.md, on fresh random models and inputs: the state each kind
-keeps at entry, the residual update and continue decision of one block pass, and the one-GEMM
-evaluation of every expert router."""
+keeps at entry (in the pool rows), the residual update and continue decision of one block pass
+(within each token's depth cap), and the one-GEMM evaluation of every expert router."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine_utils import tiny_model
-from morserve.model.routing import ExpertRouting, Routing, TokenRouting, routing_for
+from morserve.model.routing import ExpertRouting, PoolRows, Routing, TokenRouting, routing_for
 
 
 def _inputs(model, t: int, seed: int):
@@ -41,26 +41,39 @@ def test_expert_router_logits_equal_each_router(router_type):
     torch.testing.assert_close(model.expert_router_logits(h), each, rtol=1e-5, atol=1e-5)
 
 
+def _pool(model, n: int, gen: torch.Generator) -> PoolRows:
+    """Random pool rows for n tokens (+ scratch), every token at the config's cap and threshold."""
+    d, mor = model.config.hidden_size, model.config.mor
+    return PoolRows(hidden=torch.randn(n + 1, d, generator=gen), entry=torch.randn(n + 1, d, generator=gen),
+                    score=torch.rand(n + 1, generator=gen), cap=torch.full((n + 1,), mor.num_recursions),
+                    threshold=torch.full((n + 1,), mor.routing_threshold))
+
+
 @torch.no_grad()
 def test_expert_routing_update_is_the_gated_threshold_rule():
     model = tiny_model("expert", nr=3, seed=random.randrange(1 << 30))
     mor = model.config.mor
     mor.router_bias = [0.0, 0.3, -0.2]
     kind = routing_for(mor)
-    h, x, depth, _ = _inputs(model, 40, random.randrange(1 << 30))
-    target, score = kind.enter(model, h)
-    assert target is None
-    torch.testing.assert_close(score, model.expert_router_logit(1, h))
-    score = torch.stack([model.expert_router_logit(int(d), h[i]) for i, d in enumerate(depth)])
-    new_h, cont, next_score = kind.update(model, h, x, depth, torch.zeros_like(depth), None, score)
+    h, x, depth, gen = _inputs(model, 40, random.randrange(1 << 30))
+    rows, residual = _pool(model, 50, gen), torch.randn_like(x)
+    slots = torch.randperm(50, generator=gen)[:40]
+    assert kind.enter(model, rows, slots, x, residual) is None
+    torch.testing.assert_close(rows.hidden[slots], residual + x)
+    torch.testing.assert_close(rows.score[slots], model.expert_router_logit(1, residual + x))
+    rows.hidden[slots] = h
+    rows.score[slots] = score = torch.stack([model.expert_router_logit(int(d), h[i]) for i, d in enumerate(depth)])
+    rows.cap[slots[::4]] = 1                                      # a request capping the depth at 1
+    cont = kind.update(model, rows, slots, x, residual, depth, torch.zeros_like(depth))
     for i, d in enumerate(depth.tolist()):
         gate = mor.alpha * torch.sigmoid(score[i])
-        torch.testing.assert_close(new_h[i], h[i] + gate * x[i])
+        new_h = rows.hidden[slots[i]]
+        torch.testing.assert_close(new_h, h[i] + gate * (residual[i] + x[i]))
         if d < mor.num_recursions:
-            raw = model.expert_router_logit(d + 1, new_h[i])
-            torch.testing.assert_close(next_score[i], raw, rtol=1e-5, atol=1e-5)
+            raw = model.expert_router_logit(d + 1, new_h)
+            torch.testing.assert_close(rows.score[slots[i]], raw, rtol=1e-5, atol=1e-5)
             takes = bool(torch.sigmoid(raw + mor.router_bias[d]) >= mor.routing_threshold)
-            assert bool(cont[i]) == takes
+            assert bool(cont[i]) == (takes and i % 4 != 0)
         else:
             assert not cont[i]
 
@@ -70,23 +83,67 @@ def test_token_routing_chooses_depth_at_entry_and_gates_the_final_recursion():
     model = tiny_model("token", nr=4, seed=random.randrange(1 << 30))
     mor = model.config.mor
     kind = routing_for(mor)
-    h, x, depth, _ = _inputs(model, 40, random.randrange(1 << 30))
-    target, weight = kind.enter(model, h)
+    h, x, depth, gen = _inputs(model, 40, random.randrange(1 << 30))
+    rows, residual = _pool(model, 40, gen), torch.randn_like(x)
+    slots = torch.randperm(40, generator=gen)
+    target = kind.enter(model, rows, slots, h, None)
     probs = torch.softmax(model.token_router_logits(h), -1)
     assert torch.equal(target, probs.argmax(-1) + 1)
-    torch.testing.assert_close(weight, mor.alpha * probs.max(-1).values)
-    entry = torch.randn_like(h)
-    new_h, cont, _ = kind.update(model, h, x, depth, target, entry, weight)
+    torch.testing.assert_close(rows.score[slots], mor.alpha * probs.max(-1).values)
+    assert torch.equal(rows.entry[slots], h) and torch.equal(rows.hidden[slots], h)
+    rows.entry[slots] = entry = torch.randn_like(h)
+    weight = rows.score[slots]
+    cont = kind.update(model, rows, slots, x, residual, depth, target)
     for i, (d, t) in enumerate(zip(depth.tolist(), target.tolist())):
-        want = entry[i] + weight[i] * x[i] if d == t else x[i]
-        torch.testing.assert_close(new_h[i], want)
+        stream = residual[i] + x[i]
+        want = entry[i] + weight[i] * stream if d == t else stream
+        torch.testing.assert_close(rows.hidden[slots[i]], want)
         assert bool(cont[i]) == (t > d)
 
 
+@torch.no_grad()
+def test_token_routing_respects_the_depth_cap():
+    model = tiny_model("token", nr=4, seed=random.randrange(1 << 30))
+    kind = routing_for(model.config.mor)
+    h, _, _, gen = _inputs(model, 30, random.randrange(1 << 30))
+    rows, slots = _pool(model, 30, gen), torch.arange(30)
+    rows.cap[:] = torch.randint(1, 5, (31,), generator=gen)
+    target = kind.enter(model, rows, slots, h, None)
+    probs = torch.softmax(model.token_router_logits(h), -1)
+    capped = probs.masked_fill(torch.arange(1, 5) > rows.cap[:30, None], -1.0)
+    assert torch.equal(target, capped.argmax(-1) + 1) and bool((target <= rows.cap[:30]).all())
+
+
+@torch.no_grad()
 def test_no_router_takes_every_recursion():
     model = tiny_model(None, nr=3, seed=random.randrange(1 << 30))
     kind = routing_for(model.config.mor)
-    h, x, depth, _ = _inputs(model, 12, 1)
-    assert kind.enter(model, h) == (None, None)
-    new_h, cont, score = kind.update(model, h, x, depth, depth, None, None)
-    assert new_h is x and score is None and torch.equal(cont, depth < 3)
+    h, x, depth, gen = _inputs(model, 12, 1)
+    rows, slots = _pool(model, 12, gen), torch.randperm(12, generator=gen)
+    assert kind.enter(model, rows, slots, h, x) is None
+    assert torch.equal(rows.hidden[slots], x + h)
+    cont = kind.update(model, rows, slots, x, h, depth, depth)
+    assert torch.equal(rows.hidden[slots], h + x) and torch.equal(cont, depth < 3)
+
+
+@pytest.mark.parametrize("router, kv_mode", [("expert", "recursion"), ("token", "share_first")])
+def test_engine_serves_mlp_routers_like_the_reference(router, kv_mode):
+    """MLP routers (router_type "mlp") take the plain-op path of the fused routing: the engine's
+    greedy tokens and depths, per tick and in the decode loop, equal the dense reference's."""
+    from engine_utils import check_against_reference, run_to_completion
+    from morserve.engine import EngineArgs, LLMEngine, SamplingParams
+    from morserve.model.mor import MoRModel
+
+    seed = random.randrange(1 << 30)
+    cfg = tiny_model(router, kv_mode, nr=3).config
+    cfg.mor.router_type = "mlp"
+    model = MoRModel(cfg).init_weights(seed, std=0.3).eval()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = {"a": [3, 1, 4, 1, 5], "b": [9, 2], "c": [6, 5, 3, 5, 8, 9, 7]}
+    for steps in (1, 3):
+        engine = LLMEngine(model, None, EngineArgs(model=model, max_num_batched_tokens=16, block_size=4,
+                                                    num_kv_blocks=400, max_num_seqs=4, num_scheduler_steps=steps))
+        results = run_to_completion(engine, {0: [(rid, p, params) for rid, p in prompts.items()]})
+        ties = sum(check_against_reference(model, p, results[r].outputs[0].token_ids, results[r].outputs[0].depths)
+                   for r, p in prompts.items())
+        assert ties <= 1 and engine.check_no_leak()

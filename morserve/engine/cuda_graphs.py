@@ -72,7 +72,7 @@ class GraphedBlockPass:
             self.tables = torch.zeros(largest, max_width, max(layers, 1), dtype=torch.int32, device=device)
         self.capture = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
         self._pool = None
 
     @property
@@ -90,9 +90,9 @@ class GraphedBlockPass:
         self.graphs[size] = graph
 
     @torch.inference_mode()
-    def __call__(self, meta: np.ndarray, tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, meta: np.ndarray, tables: np.ndarray) -> torch.Tensor:
         """meta [NUM_FIELDS, T] int64 and tables [G, M, L] int32 (host arrays, fits() true) ->
-        (continue [T] bool, counts [2, Nr]) on the device; padding rows are not counted."""
+        continue [T] bool on the device."""
         t = meta.shape[1]
         size = next(s for s in self.sizes if s >= t)
         if self.capture and size not in self.graphs:
@@ -105,7 +105,7 @@ class GraphedBlockPass:
         self.tables[:g, :m].copy_(torch.from_numpy(tables))
         if self.capture:
             self.graphs[size].replay()
-            cont, counts = self.outputs[size]
+            cont = self.outputs[size]
         else:
-            cont, counts = self.block_pass(self.meta[:, :size], self.tables[:size])
-        return cont[:t], counts
+            cont = self.block_pass(self.meta[:, :size], self.tables[:size])
+        return cont[:t]

@@ -110,10 +110,10 @@ class DecodeLoop:
             self.tables = torch.zeros(max_seqs, stages, width, layers, dtype=torch.int32, device=dev)
             # the block tables are passed as the view [rows * stages, width, layers]: group row * stages
             # + stage is (row, stage); the stage-0 phases read groups row * stages
-            self.stage0_groups = torch.arange(0, max_seqs * stages, stages, dtype=torch.int32, device=dev)
+            self.stage0_groups = torch.arange(0, max_seqs * stages, stages, **long)
             # the next tick's prologue rows (stage-0 slots, entries, kv_lens): loop_emit writes them
             self.entering = (torch.zeros(max_seqs, **long), torch.zeros(max_seqs, **long),
-                             torch.zeros(max_seqs, dtype=torch.int32, device=dev))
+                             torch.zeros(max_seqs, **long))
             self.step = torch.zeros(1, **long)
             self.records = torch.zeros(max_steps, 2 * max_seqs + 2 * nr + 1, **long)
             (self.out_tokens, self.out_depths, self.out_occupancy, self.out_exits,
@@ -276,21 +276,20 @@ class DecodeLoop:
         token, position, depth, target, slot, live, lengths = (
             t[:rows] for t in (self.token, self.position, self.depth, self.target, self.slot, self.live, self.lengths))
         tables, stage0_groups = self.tables[:rows].flatten(0, 1), self.stage0_groups[:rows]
-        cos, sin = phases.rope(position)                     # every phase of the tick: same rows
 
         slots, entries, kv_lens = (t[:rows] for t in self.entering)
-        attends = kv.attend_fns(tables, stage0_groups, entries, kv_lens, phases.prologue_columns)
-        entered = phases.prologue(token, slots, attends, cos, sin)
+        attends = kv.attend_fns(tables, stage0_groups, entries, kv_lens, position, phases.prologue_columns)
+        entered = phases.prologue(token, slots, attends)
         for k in range(nr if self.depth_sync else 1):
             meta = kernels.loop_block_meta(live, depth, slot, position, target, lengths,
                                            target if entered is None else entered, self.out_prologue,
                                            self.out_occupancy, self.out_exits, self.step, scratch, nr,
                                            self.stages.share_first, enter=k == 0)
-            cont, _ = phases.block(meta, tables)
+            cont = phases.block(meta, tables)
             slots, entries, kv_lens = kernels.loop_block_exit(live, depth, cont, slot, position, self.out_exits,
                                                               self.step, nr, scratch)
-        attends = kv.attend_fns(tables, stage0_groups, entries, kv_lens, phases.epilogue_columns)
-        logits = phases.epilogue(slots, attends, cos, sin)
+        attends = kv.attend_fns(tables, stage0_groups, entries, kv_lens, position, phases.epilogue_columns)
+        logits = phases.epilogue(slots, attends)
         drawn_at = position + 1 if sampling else position          # greedy rows draw nothing: no launch
         new, logprob, valid = plain_tail(logits, self.temperature[:rows], self.seed[:rows], drawn_at, sampling)
         kernels.loop_emit(live, depth, slot, position, token, new, logprob, valid, self.out_tokens[:, :rows],

@@ -284,15 +284,17 @@ class BlockManager:
 
 
 class PagedKVCache:
-    """The device side: K and V page pools [num_pages, block_size, Hkv, D] shared by all layers."""
+    """The device side: K and V page pools [num_pages, block_size, Hkv, D] shared by all layers, and
+    the start-up RoPE tables `rope` = (cos, sin) [max_positions, D] the K/V store looks rows up in."""
 
     def __init__(self, num_pages: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
         shape = (num_pages, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.scale = head_dim ** -0.5
+        self.cos, self.sin = rope
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copy the K/V of pages `src` into pages `dst` (a prefix-cache copy-on-write)."""
@@ -300,36 +302,23 @@ class PagedKVCache:
         self.k.index_copy_(0, dst_t, self.k.index_select(0, src_t))
         self.v.index_copy_(0, dst_t, self.v.index_select(0, src_t))
 
-    def attend_fns(self, tables: torch.Tensor, rows: torch.Tensor, entries: torch.Tensor,
-                   kv_lens: torch.Tensor, columns: range) -> list[Callable]:
-        """Attention callbacks for the layers stored in table columns `columns` (they apply RoPE,
-        see layers.AttendFn): RoPE on the un-roped q/k fused with the store of the batch's K/V at
-        `entries` (>= 0) of each row's table row, then paged attention over each row's first
-        kv_lens entries. The slot mapping and per-layer tables of every layer are built here,
-        once for the phase. Pure tensor ops: safe inside CUDA-graph capture."""
-        slots = slot_mapping(tables, rows, entries, columns, self.block_size)
-        layer_tables = tables[:, :, columns.start: columns.stop].permute(2, 0, 1).contiguous()
-        rows, kv_lens = rows.to(torch.int32), kv_lens.to(torch.int32)
-        return [self._attend(slots[i], layer_tables[i], rows, kv_lens) for i in range(len(columns))]
+    def attend_fns(self, tables: torch.Tensor, rows: torch.Tensor, entries: torch.Tensor, kv_lens: torch.Tensor,
+                   positions: torch.Tensor, columns: range) -> list[Callable]:
+        """Attention callbacks for the layers stored in table columns `columns` of tables
+        [G, M, layers] (they apply RoPE, see layers.AttendFn): RoPE at `positions` fused with the
+        store of the batch's K/V at entry `entries[t]` (-1: none) of table row rows[t], then paged
+        attention over each row's first kv_lens entries. Each layer reads a strided view of its
+        table column: nothing is built per phase. Pure tensor work: safe inside CUDA-graph capture."""
+        return [self._attend(tables[:, :, column], rows, entries, kv_lens, positions) for column in columns]
 
-    def _attend(self, slots: torch.Tensor, layer_tables: torch.Tensor, rows: torch.Tensor,
-                kv_lens: torch.Tensor) -> Callable:
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:
-            q, _ = kernels.store_kv_rope(q, k, v, cos, sin, self.k, self.v, slots)
+    def _attend(self, layer_tables: torch.Tensor, rows: torch.Tensor, entries: torch.Tensor,
+                kv_lens: torch.Tensor, positions: torch.Tensor) -> Callable:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q = kernels.store_kv_rope(q, k, v, self.cos, self.sin, positions, self.k, self.v, layer_tables, rows,
+                                      entries)
             return kernels.paged_attention(q, self.k, self.v, layer_tables, rows, kv_lens, self.scale)
         attend.fuses_rope = True
         return attend
-
-
-def slot_mapping(tables: torch.Tensor, rows: torch.Tensor, entries: torch.Tensor,
-                 columns: range, block_size: int) -> torch.Tensor:
-    """[len(columns), T] flat slots (page * block_size + offset) of entry `entries[t]` in table row
-    `rows[t]`, for each layer column; entries < 0 map to -1 (nothing written). tables: [G, M, layers]."""
-    safe = entries.clamp(min=0)
-    pages = tables[rows, safe // block_size][:, columns.start: columns.stop]          # [T, L]
-    slots = pages.long() * block_size + (safe % block_size)[:, None]
-    return torch.where(entries[:, None] >= 0, slots, -1).t().contiguous()
 
 
 def build_tables(tables: list[np.ndarray], layers: int, out: np.ndarray | None = None) -> np.ndarray:

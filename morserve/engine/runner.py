@@ -4,7 +4,8 @@ and copied to the device once per tensor.
 
 - `prologue(chunks)`: new chunks (prompt chunks or freshly sampled tokens) enter the pool;
 - `block_step(chunks)`: one block pass over every active token of every chunk, at whatever
-  depth each sits; the only device-to-host copy is its continue mask and per-depth counts;
+  depth each sits; the only device-to-host copy is its continue mask (the per-depth counts
+  follow on the host from the chunks' depths);
 - `epilogue(chunks, rows)`: whole chunks through the last layer(s), logits of the requested rows.
 
 On CUDA the block pass replays CUDA graphs for padded token counts (cuda_graphs.py).
@@ -44,11 +45,13 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         cfg = model.config
+        with torch.inference_mode():
+            rope = model.rope(torch.arange(max_model_len, device=self.device), self.dtype)
         self.kv = PagedKVCache(blocks.num_pages, blocks.block_size, cfg.num_key_value_heads, cfg.head_dim,
-                               self.dtype, self.device)
+                               self.dtype, self.device, rope)
         blocks.copy_pages = self.kv.copy_pages
         self.pool_size = pool_size
-        self.phases = TickPhases(model, self.kv, stages, pool_size, max_model_len)
+        self.phases = TickPhases(model, self.kv, stages, pool_size)
         self.graphed: GraphedBlockPass | None = None
         self.free_slots = list(range(pool_size - 1, -1, -1))
 
@@ -77,15 +80,13 @@ class ModelRunner:
         return torch.tensor([s for c in chunks for s in c.slots], dtype=torch.long).to(self.device)
 
     def _stage0(self, chunks: list[Chunk], columns: range):
-        """cos, sin and the attention callbacks of stage-0 layers `columns` over whole chunks."""
+        """The attention callbacks of stage-0 layers `columns` over whole chunks."""
         sizes = [c.n for c in chunks]
         positions = torch.from_numpy(np.concatenate([np.arange(c.start, c.end) for c in chunks])).to(self.device)
         groups = torch.from_numpy(np.repeat(np.arange(len(chunks)), sizes)).to(self.device)
         tables = build_tables([self.blocks.block_table(c.seq.seq_id, 0) for c in chunks],
                               self.blocks.layers_per_stage[0])
-        cos, sin = self.phases.rope(positions)
-        attends = self.phases.stage0_attention(torch.from_numpy(tables).to(self.device), groups, positions, columns)
-        return cos, sin, attends
+        return self.phases.stage0_attention(torch.from_numpy(tables).to(self.device), groups, positions, columns)
 
     # ---- the three phases ------------------------------------------------------------------
     @torch.inference_mode()
@@ -102,8 +103,7 @@ class ModelRunner:
         slots = self._slots_tensor(chunks)
         self.phases.set_routing(slots, [cap for c in chunks for cap in c.seq.caps.span(c.start, c.end)],
                                 [c.seq.request.router_threshold for c in chunks for _ in range(c.n)])
-        cos, sin, attends = self._stage0(chunks, self.phases.prologue_columns)
-        target = self.phases.prologue(ids, slots, attends, cos, sin)
+        target = self.phases.prologue(ids, slots, self._stage0(chunks, self.phases.prologue_columns))
         if target is not None:
             target = target.tolist()
             offset = 0
@@ -156,35 +156,36 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         layers = self.blocks.layers_per_stage[1]
         if self.graphed is not None and self.graphed.fits(meta.shape[1], width):
-            cont, counts = self.graphed(meta, build_tables(tables, layers))
+            cont = self.graphed(meta, build_tables(tables, layers))
         else:
-            cont, counts = self.phases.block(torch.from_numpy(meta).to(self.device),
-                                             torch.from_numpy(build_tables(tables, layers)).to(self.device))
-        t = meta.shape[1]
-        host = torch.cat([cont.long(), counts.flatten()]).tolist()        # one device-to-host copy
-        cont, nr = host[:t], self.mor.num_recursions
+            cont = self.phases.block(torch.from_numpy(meta).to(self.device),
+                                     torch.from_numpy(build_tables(tables, layers)).to(self.device))
+        cont = cont.tolist()                                          # the one device-to-host copy
+        nr = self.mor.num_recursions
+        occupancy, exits = [0] * nr, [0] * nr
         offset = 0
         for c, idx in zip(chunks, selections):
             kept = 0
             for i, keep in zip(idx, cont[offset: offset + len(idx)]):
                 c.taken[i] += 1
-                c.active[i] = bool(keep)
+                c.active[i] = keep
                 kept += keep
+            occupancy[c.depth - 1] += len(idx)
+            exits[c.depth - 1] += len(idx) - kept
             c.num_active = kept
             c.depth += 1
             offset += len(idx)
-        return StepStats(host[t: t + nr], host[t + nr:])
+        return StepStats(occupancy, exits)
 
     @torch.inference_mode()
     def epilogue(self, chunks: list[Chunk], logit_rows: list[list[int]]) -> torch.Tensor:
         """Last layer(s) over whole chunks, then norm and LM head over the requested rows of every
         chunk (row indices within each chunk) in one matmul; returns the logits [sum of rows, V]
         on the device, chunk by chunk, and releases the chunks' pool rows."""
-        cos, sin, attends = self._stage0(chunks, self.phases.epilogue_columns)
+        attends = self._stage0(chunks, self.phases.epilogue_columns)
         starts = np.cumsum([0] + [c.n for c in chunks[:-1]])
         want = np.concatenate([np.asarray(rows, dtype=np.int64) + s for rows, s in zip(logit_rows, starts)])
-        logits = self.phases.epilogue(self._slots_tensor(chunks), attends, cos, sin,
-                                      torch.from_numpy(want).to(self.device))
+        logits = self.phases.epilogue(self._slots_tensor(chunks), attends, torch.from_numpy(want).to(self.device))
         for c in chunks:
             self.release_slots(c.slots)
         return logits

@@ -4,8 +4,8 @@ projection, SwiGLU with one fused gate/up projection, and the pre-norm decoder l
 Attention itself is a callback (`AttendFn`): a decoder layer computes projections and RoPE, and
 whoever runs the layer decides what the queries see (an explicit-mask dense reference, or the
 engine's paged KV cache). That keeps one implementation of the layer math for every path. A
-callback whose attribute `fuses_rope` is true applies RoPE itself: it is called as
-attend(q, k, v, cos, sin) with un-roped q and k (the engine fuses RoPE into its K/V store).
+callback whose attribute `fuses_rope` is true applies RoPE itself: it gets un-roped q and k (the
+engine fuses RoPE, looked up by position, into its K/V store) and the layer needs no cos/sin.
 
 Fused projections hold one weight per layer (q|k|v rows, gate|up rows) so that each is one GEMM;
 checkpoints keep the separate q_proj/k_proj/v_proj/gate_proj/up_proj tensors (`split_in_checkpoints`
@@ -14,7 +14,9 @@ splits on `state_dict()` and concatenates on `load_state_dict()`).
 The hot ops (RMSNorm, residual add + RMSNorm, silu * up) go through `kernels`: fused Triton kernels
 on CUDA, the same math in PyTorch elsewhere. A stack of layers (`run_layers`) hands the residual
 stream from layer to layer as (layer output, residual) so every norm after the first is fused with
-the residual add before it; the sums are the ones a plain `x + f(x)` layer computes.
+the residual add before it; the sums are the ones a plain `x + f(x)` layer computes. The stack's
+first norm and its final residual add are left to the caller, who fuses them with the row
+movement around the stack (a pool gather before, a pool scatter or the final norm after).
 """
 
 from __future__ import annotations
@@ -90,14 +92,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         split_in_checkpoints(self, "qkv_proj", {"q_proj": h * hd, "k_proj": hkv * hd, "v_proj": hkv * hd})
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 attend: AttendFn) -> torch.Tensor:
+        """cos/sin [T, D] of the rows' positions, None when `attend` fuses RoPE."""
         lead = x.shape[:-1]
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
         q, k, v = q.unflatten(-1, (h, hd)), k.unflatten(-1, (hkv, hd)), v.unflatten(-1, (hkv, hd))
         if getattr(attend, "fuses_rope", False):
-            out = attend(q, k, v, cos, sin)
+            out = attend(q, k, v)
         else:
             out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         return self.o_proj(out.reshape(*lead, h * hd))
@@ -126,11 +129,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def step(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-             attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor | None,
+             sin: torch.Tensor | None, attend: AttendFn,
+             normed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer on the residual stream residual + x (x alone when residual is None); returns
-        (mlp output, residual), whose sum is the stream after the layer."""
-        if residual is None:
+        (mlp output, residual), whose sum is the stream after the layer. `normed`: the stream's
+        input norm, already computed by the caller (only with residual None)."""
+        if normed is not None:
+            residual = x
+        elif residual is None:
             normed, residual = self.input_layernorm(x), x
         else:
             normed, residual = self.input_layernorm.add_forward(x, residual)
@@ -144,11 +151,14 @@ class DecoderLayer(nn.Module):
         return residual + out
 
 
-def run_layers(layers: Sequence[DecoderLayer], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               attends: Sequence[AttendFn]) -> torch.Tensor:
-    """x through `layers` in order (layer i attends with attends[i]), each norm after the first
-    fused with the residual add before it; equal to calling the layers one by one."""
+def run_layers(layers: Sequence[DecoderLayer], x: torch.Tensor, attends: Sequence[AttendFn],
+               normed: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+               sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stream x through `layers` in order (layer i attends with attends[i]; cos/sin as in
+    Attention.forward), each norm after the first fused with the residual add before it; returns
+    (out, residual) whose sum (out alone when residual is None, i.e. no layers) is what calling
+    the layers one by one gives. `normed`: layers[0]'s input norm of x, computed by the caller."""
     residual = None
-    for layer, attend in zip(layers, attends, strict=True):
-        x, residual = layer.step(x, residual, cos, sin, attend)
-    return x if residual is None else residual + x
+    for i, (layer, attend) in enumerate(zip(layers, attends, strict=True)):
+        x, residual = layer.step(x, residual, cos, sin, attend, normed if i == 0 else None)
+    return x, residual

@@ -30,6 +30,7 @@ class MoRModel(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         self.routing = routing_for(config.mor)
         self.routers, self.router = self.routing.modules(d)
+        self._router_stack: tuple = (None, None)       # (the expert routers' weight versions, their stack)
 
     @property
     def num_recursions(self) -> int:
@@ -54,12 +55,27 @@ class MoRModel(nn.Module):
         return self.routers[recursion - 1](h / self.config.mor.temp).squeeze(-1)
 
     def expert_router_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Raw scores of every expert router on h [..., d] -> [..., Nr] (column r-1 = router r); linear
-        routers as one GEMM over their stacked weights."""
-        scaled = h / self.config.mor.temp
-        if self.config.mor.router_type == "linear":
-            return scaled @ torch.cat([router.router.weight for router in self.routers]).t()
-        return torch.cat([router(scaled) for router in self.routers], dim=-1)
+        """Raw scores of every expert router on h [..., d] -> [..., Nr] (column r-1 = router r)."""
+        return self.expert_router_scores(h / self.config.mor.temp)
+
+    def expert_router_scores(self, scaled: torch.Tensor, num: int | None = None) -> torch.Tensor:
+        """Raw scores of the first `num` expert routers (all if None) on their input
+        scaled = h / temp [..., d] -> [..., num]; linear routers as one GEMM over their stacked
+        weights, stacked once and again only when a router weight changes (or autograd records)."""
+        routers = self.routers[:num] if num is not None else self.routers
+        if self.config.mor.router_type != "linear":
+            return torch.cat([router(scaled) for router in routers], dim=-1)
+        return scaled @ self._stacked_router_weight()[: len(routers)].t()
+
+    def _stacked_router_weight(self) -> torch.Tensor:
+        weights = [router.router.weight for router in self.routers]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return torch.cat(weights)
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        if self._router_stack[0] != key:
+            with torch.no_grad():
+                self._router_stack = (key, torch.cat(weights))
+        return self._router_stack[1]
 
     def token_router_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Token-choice router scores h [..., d] -> [..., Nr]."""
@@ -67,9 +83,12 @@ class MoRModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: h [..., d] -> logits [..., V]."""
-        h = self.norm(h)
+        return self.head(self.norm(h))
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The LM head alone, on final-normed rows [..., d] -> logits [..., V]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return h @ weight.t()
+        return normed @ weight.t()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

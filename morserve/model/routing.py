@@ -12,10 +12,13 @@ For expert choice the optional router_bias (one per recursion) shifts the thresh
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from morserve.config import MoRConfig
 
 
@@ -102,14 +105,30 @@ def token_choice(logits: torch.Tensor, cfg: MoRConfig, bias: torch.Tensor | None
     return choice + 1, weight
 
 
+@dataclass
+class PoolRows:
+    """The engine's per-token state in pool rows (one per token in flight, indexed by pool slot):
+    the hidden state, and what the router kind keeps (`entry`, `score`, see Routing), plus each
+    token's request overrides (engine/depth.py): depth cap (int64) and expert threshold (float32)."""
+
+    hidden: torch.Tensor
+    entry: torch.Tensor | None
+    score: torch.Tensor | None
+    cap: torch.Tensor
+    threshold: torch.Tensor
+
+
 class Routing:
     """How one router kind moves a flat batch of tokens through the recursions (one object per kind,
-    from `routing_for`). No router: every token takes every recursion and the block output
-    replaces the residual stream.
+    from `routing_for`). No router: every token takes every recursion (up to its depth cap) and
+    the block output replaces the residual stream.
 
-    Per-token state kept between passes, in pool rows the caller owns: `score` (float32, expert and
-    token choice) and, for token choice, `entry` (the hidden state at entry to the recursions) and
-    `target` (the chosen depth, a per-token integer the caller keeps with the token's metadata)."""
+    Per-token state kept between passes in PoolRows: `score` (float32, expert and token choice)
+    and, for token choice, `entry` (the hidden state at entry to the recursions); `target` (the
+    chosen depth, token choice) is a per-token integer the caller keeps with the token's metadata.
+    The engine's phases hand each kind a layer stack's output as (x, residual), un-added: the kinds
+    fuse the add with the pool write and their row update (kernels.scatter_stream / update_*), the
+    routers run as one GEMM, and one more kernel makes the decisions."""
 
     kind: str | None = None
     keeps_score = False            # one float32 per token: see the subclasses
@@ -132,26 +151,26 @@ class Routing:
             self._bias[device] = torch.tensor(bias, dtype=torch.float32, device=device)
         return self._bias[device]
 
-    def enter(self, model: nn.Module, h: torch.Tensor,
-              cap: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """At entry to the recursions (h = prologue output [T, d]; cap [T]: each token's request
-        depth cap, Nr if None): (target depth [T] or None, score [T] float32 or None)."""
-        return None, None
+    def enter(self, model: nn.Module, rows: PoolRows, slots: torch.Tensor, x: torch.Tensor,
+              residual: torch.Tensor | None) -> torch.Tensor | None:
+        """At entry to the recursions: the prologue's output stream h = residual + x [T, d] goes to
+        pool rows `slots` with the kind's per-token state; returns the target depth [T] (token
+        choice, within each token's cap) or None."""
+        kernels.scatter_stream(rows.hidden, slots, x, residual, None, None)
+        return None
 
-    def update(self, model: nn.Module, h: torch.Tensor, x: torch.Tensor, depth: torch.Tensor,
-               target: torch.Tensor, entry: torch.Tensor | None, score: torch.Tensor | None,
-               cap: torch.Tensor | None = None,
-               threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """After one pass of the block (h its input, x its output, depth [T] the recursion just
-        taken; cap / threshold [T]: the tokens' request overrides, engine/depth.py; None: the
-        config's): (new residual stream [T, d], continue [T] bool, new score or None)."""
-        return x, depth < (self.cfg.num_recursions if cap is None else cap), None
+    def update(self, model: nn.Module, rows: PoolRows, slots: torch.Tensor, x: torch.Tensor,
+               residual: torch.Tensor, depth: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """After one pass of the block over pool rows `slots` (its output stream residual + x,
+        depth [T] the recursion just taken, target [T] the token-choice depth): the new residual
+        stream and state into the pool rows; returns continue [T] bool."""
+        return kernels.update_plain(rows.hidden, slots, x, residual, depth, rows.cap)
 
 
 class ExpertRouting(Routing):
     """Expert choice. `score` is the raw score of the router of the token's next recursion on its
     current hidden state: the gate of that recursion and, from recursion 2 on, the decision to take
-    it. Every router is evaluated once per pass, all in one GEMM (model.expert_router_logits)."""
+    it. Every router is evaluated once per pass, all in one GEMM (model.expert_router_scores)."""
 
     kind = "expert"
     keeps_score = True
@@ -160,17 +179,18 @@ class ExpertRouting(Routing):
         cfg = self.cfg
         return nn.ModuleList(Router(hidden_size, 1, cfg.router_type) for _ in range(cfg.num_recursions)), None
 
-    def enter(self, model, h, cap=None):
-        return None, model.expert_router_logit(1, h).float()
+    def enter(self, model, rows, slots, x, residual):
+        scaled = kernels.scatter_stream(rows.hidden, slots, x, residual, None, self.cfg.temp)
+        kernels.scatter_rows(rows.score.view(-1, 1), slots, model.expert_router_scores(scaled, 1))
+        return None
 
-    def update(self, model, h, x, depth, target, entry, score, cap=None, threshold=None):
+    def update(self, model, rows, slots, x, residual, depth, target):
         cfg = self.cfg
-        new_h = h + expert_gate(score, cfg)[:, None].to(h.dtype) * x
-        following = depth.clamp(max=cfg.num_recursions - 1)[:, None]        # 0-based index of router d+1
-        raw = model.expert_router_logits(new_h).gather(1, following).squeeze(1).float()
-        takes = expert_takes(raw, cfg, following.squeeze(1) + 1, self.bias(raw.device), threshold)
-        cont = (depth < (cfg.num_recursions if cap is None else cap)) & takes
-        return new_h, cont, raw
+        scaled = kernels.update_expert(rows.hidden, slots, x, residual, rows.score, cfg.alpha, cfg.router_func,
+                                       cfg.temp)
+        raw = model.expert_router_scores(scaled)
+        return kernels.expert_decide(raw, depth, slots, rows.score, rows.cap, rows.threshold, self.bias(raw.device),
+                                     cfg.router_func)
 
 
 class TokenRouting(Routing):
@@ -183,15 +203,13 @@ class TokenRouting(Routing):
     def modules(self, hidden_size: int) -> tuple[nn.ModuleList | None, Router | None]:
         return None, Router(hidden_size, self.cfg.num_recursions, self.cfg.router_type)
 
-    def enter(self, model, h, cap=None):
-        logits = model.token_router_logits(h)
-        depth, weight = token_choice(logits, self.cfg, self.bias(logits.device) if self.cfg.router_bias else None,
-                                     cap)
-        return depth, weight.float()
+    def enter(self, model, rows, slots, x, residual):
+        scaled = kernels.scatter_stream(rows.hidden, slots, x, residual, rows.entry, self.cfg.temp)
+        logits = model.router(scaled)
+        return kernels.token_decide(logits, slots, rows.score, rows.cap, self.bias(logits.device), self.cfg.alpha)
 
-    def update(self, model, h, x, depth, target, entry, score, cap=None, threshold=None):     # target <= cap
-        final = (target == depth)[:, None]
-        return torch.where(final, entry + score[:, None].to(h.dtype) * x, x), target > depth, score
+    def update(self, model, rows, slots, x, residual, depth, target):     # target <= cap
+        return kernels.update_token(rows.hidden, slots, x, residual, rows.entry, rows.score, depth, target)
 
 
 _KINDS = {None: Routing, "expert": ExpertRouting, "token": TokenRouting}
