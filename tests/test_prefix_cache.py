@@ -202,7 +202,9 @@ def test_a_hit_covers_the_common_prefix_at_every_depth(router):
     model = tiny_model(router, "recursion", 3, seed=seed)
     prefix = [rng.randrange(97) for _ in range(rng.randint(30, 60))]
     engine = make_engine(model, True)
-    prompts = [prefix + [rng.randrange(97) for _ in range(rng.randint(1, 9))] for _ in range(3)]
+    # the tails start with three different tokens: the prompts share exactly `prefix`
+    prompts = [prefix + [first] + [rng.randrange(97) for _ in range(rng.randint(0, 8))]
+               for first in rng.sample(range(97), 3)]
     for i, prompt in enumerate(prompts):
         before = engine.last_tick.prefix_cache_hits
         out = run_to_completion(engine, {0: [(f"r{i}", prompt, SamplingParams(max_tokens=4, **GREEDY))]})[f"r{i}"]
