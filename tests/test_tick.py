@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine_utils import run_to_completion, tiny_model
+from kernels.reference import cache_stage_fields
 from morserve.engine import EngineArgs, LLMEngine, SamplingParams
 from morserve.engine.stages import CacheStages
 
@@ -64,7 +65,7 @@ def test_cache_stage_rule_is_the_same_on_host_and_device(kv_mode):
     active = torch.rand(rows) < 0.7
     position = torch.randint(0, 50, (rows,))
     lengths = torch.randint(0, 40, (rows, stages.num_stages))
-    stage, entry, kv_len, writes = stages.device_fields(depth, active, position, lengths)
+    stage, entry, kv_len, writes = cache_stage_fields(depth, active, position, lengths, stages.share_first)
     for i in range(rows):
         d = int(depth[i])
         if not active[i]:

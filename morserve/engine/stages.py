@@ -8,18 +8,15 @@ depth 1 writes; deeper recursions read depth 1's entries, all of them up to the 
 
 This class is the one place that knows the rule: the BlockManager's page accounting, the per-tick
 runner's host metadata, the decode loop's device metadata and the engine's worst-case page bounds
-all ask it, with host integers (`write_stage`, `read_stage`) or device tensors (`device_fields`).
-On the device the rule is one function of the depth and `share_first`, in its two forms of the
-kernels package: `kernels.reference.cache_stage_fields` (what `device_fields` returns) and the
-decode loop's fused bookkeeping kernel (`kernels.loop_block_meta`, its SHARE_FIRST constexpr set
-from `share_first` here), tested against each other and against the host rule.
+all ask it (`write_stage`, `read_stage`, `share_first`). On the device the rule is one function
+of the depth and `share_first`, in its two forms of the kernels package:
+`kernels.reference.cache_stage_fields` and the decode loop's fused bookkeeping kernel
+(`kernels.loop_block_meta`, its SHARE_FIRST constexpr set from `share_first` here), tested
+against each other and against the host rule (tests/test_loop_state.py).
 """
 
 from __future__ import annotations
 
-import torch
-
-from kernels.reference import cache_stage_fields
 from morserve.config import ModelConfig
 
 
@@ -61,11 +58,3 @@ class CacheStages:
         if depth_sync or self.share_first:
             return [ticks] * self.num_stages
         return [ticks] + [-(-ticks // d) for d in range(1, self.num_stages)]
-
-    # ---- device side --------------------------------------------------------------------------
-    def device_fields(self, depth: torch.Tensor, active: torch.Tensor, position: torch.Tensor,
-                      lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The same rule on device rows: depth [R] (1..Nr where active), lengths [R, stages] (entries
-        each row holds per stage) -> (stage read [R], entry written or -1 [R], kv_len [R], writes [R])
-        for a block pass over the active rows. Inactive rows write nothing and see nothing."""
-        return cache_stage_fields(depth, active, position, lengths, self.share_first)
