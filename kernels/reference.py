@@ -90,28 +90,54 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, query_group: torch.Tensor, kv_lens: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D]; GQA (head i reads KV head i // (H / Hkv)); softmax in float32.
-    Rows are processed in slices whose gathered [rows, S, H, D] float32 work stays near 64 MB."""
+
+    Consecutive rows of one group (a prefill chunk; a decode row alone) form a run: the run
+    gathers its group's first S entries once (S: the longest kv_len among its rows; slots past a
+    run's S repeat its entry 0, so nothing unwritten is read) and one torch
+    scaled_dot_product_attention call serves every run of a slice of rows, the run's rows x the
+    query heads of a KV head as the query length, a boolean mask giving each row its kv_len.
+    Slices keep the gathered [rows, S, H, D] float32 work near 64 MB."""
     t, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    per_kv = h // hkv
     out = torch.zeros_like(q)
     lens = kv_lens.long()
     s = int(lens.max()) if t else 0
     if s == 0:
         return out
-    nb = -(-s // bs)
-    visible_pos = torch.arange(s, device=q.device)
+    seen = torch.nonzero(lens > 0).squeeze(1)                                   # rows that see something
+    flat_k, flat_v = k_cache.view(-1, hkv * d), v_cache.view(-1, hkv * d)
     step = max(1, (1 << 24) // (s * h * d))
-    for start in range(0, t, step):
-        rows = slice(start, min(t, start + step))
-        pages = block_tables[query_group[rows].long(), :nb].long()              # [R, nb]
-        r = pages.shape[0]
-        k = k_cache[pages].reshape(r, nb * bs, hkv, d)[:, :s].float()          # [R, S, Hkv, D]
-        v = v_cache[pages].reshape(r, nb * bs, hkv, d)[:, :s].float()
-        qg = q[rows].float().view(r, hkv, h // hkv, d)
-        scores = torch.einsum("rkgd,rskd->rkgs", qg, k) * scale
-        visible = visible_pos[None, :] < lens[rows, None]                        # [R, S]
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, -1).masked_fill((lens[rows] == 0)[:, None, None, None], 0.0)
-        v = v.masked_fill(~visible[:, :, None, None], 0.0)                       # unread slots may hold NaN
-        out[rows] = torch.einsum("rkgs,rskd->rkgd", probs, v).reshape(r, h, d).to(q.dtype)
+    for start in range(0, len(seen), step):
+        rows = seen[start: start + step]
+        n, row_lens = len(rows), lens[rows]
+        table_rows, run_of, counts = torch.unique_consecutive(query_group[rows], return_inverse=True,
+                                                              return_counts=True)
+        runs, width = len(table_rows), int(counts.max())
+        queries = q[rows].float()
+        if width == 1:                       # every row its own run (decode)
+            run_lens = row_lens
+            queries = queries.view(runs, hkv, per_kv, d)
+            mask = row_lens[:, None, None, None]                                 # [R, 1, 1, 1]
+        else:                                # run r's i-th row at [r, i] of a padded [R, W] layout
+            rank = torch.arange(n, device=q.device) - (counts.cumsum(0) - counts)[run_of]
+            run_lens = torch.zeros(runs, dtype=torch.long, device=q.device).scatter_reduce_(
+                0, run_of, row_lens, "amax")
+            padded = q.new_zeros((runs, width, h, d), dtype=torch.float32)
+            padded[run_of, rank] = queries
+            queries = padded.view(runs, width, hkv, per_kv, d).transpose(1, 2).reshape(runs, hkv, width * per_kv, d)
+            padded_lens = torch.zeros(runs, width, dtype=torch.long, device=q.device)
+            padded_lens[run_of, rank] = row_lens
+            mask = padded_lens[:, None, :, None].expand(runs, 1, width, per_kv).reshape(runs, 1, width * per_kv, 1)
+        length = int(run_lens.max())
+        pos = torch.arange(length, device=q.device)
+        slots = block_tables[table_rows][:, pos // bs].long() * bs + pos % bs    # [R, S]
+        slots = torch.where(pos < run_lens[:, None], slots, slots[:, :1]).flatten()
+        k = flat_k.index_select(0, slots).view(runs, length, hkv, d).transpose(1, 2).float()
+        v = flat_v.index_select(0, slots).view(runs, length, hkv, d).transpose(1, 2).float()
+        attended = torch.nn.functional.scaled_dot_product_attention(queries, k, v, attn_mask=pos < mask,
+                                                                    scale=scale)
+        if width > 1:
+            attended = attended.view(runs, hkv, width, per_kv, d).transpose(1, 2)[run_of, rank]
+        out.index_copy_(0, rows, attended.reshape(n, h, d).to(q.dtype))
     return out

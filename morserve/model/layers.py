@@ -112,7 +112,12 @@ class MLP(nn.Module):
         split_in_checkpoints(self, "gate_up_proj", {"gate_proj": f, "up_proj": f})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+        if x.device.type != "cpu":
+            return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+        # CPU: two GEMMs over the halves of the one fused weight (views, no copy); at decode batch
+        # sizes one [2F, d] GEMM ran ~10% slower than two [F, d] ones (benchmarks/RESULTS.md)
+        gate, up = self.gate_up_proj.weight.chunk(2)
+        return self.down_proj(nn.functional.silu(nn.functional.linear(x, gate)) * nn.functional.linear(x, up))
 
 
 class DecoderLayer(nn.Module):
