@@ -93,32 +93,32 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     Consecutive rows of one group (a prefill chunk; a decode row alone) form a run: the run
     gathers its group's first S entries once (S: the longest kv_len among its rows; slots past a
-    run's S repeat its entry 0, so nothing unwritten is read) and one torch
-    scaled_dot_product_attention call serves every run of a slice of rows, the run's rows x the
-    query heads of a KV head as the query length, a boolean mask giving each row its kv_len.
-    Slices keep the gathered [rows, S, H, D] float32 work near 64 MB."""
+    row's kv_len are masked, and past the run's S repeat its entry 0, so nothing unwritten is
+    read) and one torch scaled_dot_product_attention call serves every run of a slice of rows,
+    the run's rows x the query heads of a KV head forming the query length. Rows that see
+    nothing get zeros. Slices keep the gathered [rows, S, H, D] float32 work near 64 MB."""
     t, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     per_kv = h // hkv
-    out = torch.zeros_like(q)
     lens = kv_lens.long()
-    s = int(lens.max()) if t else 0
-    if s == 0:
-        return out
-    seen = torch.nonzero(lens > 0).squeeze(1)                                   # rows that see something
+    shortest, longest = (int(x) for x in torch.aminmax(lens)) if t else (0, 0)
+    if longest == 0:
+        return torch.zeros_like(q)
+    seen = None if shortest > 0 else torch.nonzero(lens > 0).squeeze(1)        # None: every row
+    num_seen = t if seen is None else len(seen)
     flat_k, flat_v = k_cache.view(-1, hkv * d), v_cache.view(-1, hkv * d)
-    step = max(1, (1 << 24) // (s * h * d))
-    for start in range(0, len(seen), step):
-        rows = seen[start: start + step]
-        n, row_lens = len(rows), lens[rows]
+    step = max(1, (1 << 24) // (longest * h * d))
+    pieces = []
+    for start in range(0, num_seen, step):
+        rows = slice(start, start + step) if seen is None else seen[start: start + step]
+        row_lens, queries = lens[rows], q[rows].float()
+        n = len(row_lens)
         table_rows, run_of, counts = torch.unique_consecutive(query_group[rows], return_inverse=True,
                                                               return_counts=True)
         runs, width = len(table_rows), int(counts.max())
-        queries = q[rows].float()
         if width == 1:                       # every row its own run (decode)
-            run_lens = row_lens
-            queries = queries.view(runs, hkv, per_kv, d)
-            mask = row_lens[:, None, None, None]                                 # [R, 1, 1, 1]
+            run_lens, mask_lens = row_lens, row_lens[:, None, None, None]        # [R, 1, 1, 1]
+            queries = queries.reshape(runs, hkv, per_kv, d)
         else:                                # run r's i-th row at [r, i] of a padded [R, W] layout
             rank = torch.arange(n, device=q.device) - (counts.cumsum(0) - counts)[run_of]
             run_lens = torch.zeros(runs, dtype=torch.long, device=q.device).scatter_reduce_(
@@ -128,16 +128,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             queries = padded.view(runs, width, hkv, per_kv, d).transpose(1, 2).reshape(runs, hkv, width * per_kv, d)
             padded_lens = torch.zeros(runs, width, dtype=torch.long, device=q.device)
             padded_lens[run_of, rank] = row_lens
-            mask = padded_lens[:, None, :, None].expand(runs, 1, width, per_kv).reshape(runs, 1, width * per_kv, 1)
+            mask_lens = padded_lens[:, None, :, None].expand(runs, 1, width, per_kv).reshape(runs, 1, -1, 1)
         length = int(run_lens.max())
         pos = torch.arange(length, device=q.device)
         slots = block_tables[table_rows][:, pos // bs].long() * bs + pos % bs    # [R, S]
         slots = torch.where(pos < run_lens[:, None], slots, slots[:, :1]).flatten()
         k = flat_k.index_select(0, slots).view(runs, length, hkv, d).transpose(1, 2).float()
         v = flat_v.index_select(0, slots).view(runs, length, hkv, d).transpose(1, 2).float()
-        attended = torch.nn.functional.scaled_dot_product_attention(queries, k, v, attn_mask=pos < mask,
+        attended = torch.nn.functional.scaled_dot_product_attention(queries, k, v, attn_mask=pos < mask_lens,
                                                                     scale=scale)
         if width > 1:
             attended = attended.view(runs, hkv, width, per_kv, d).transpose(1, 2)[run_of, rank]
-        out.index_copy_(0, rows, attended.reshape(n, h, d).to(q.dtype))
-    return out
+        pieces.append(attended.reshape(n, h, d).to(q.dtype))
+    attended = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if seen is None:
+        return attended
+    return torch.zeros_like(q).index_copy_(0, seen, attended)

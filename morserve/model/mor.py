@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from morserve.config import ModelConfig
-from morserve.model.layers import DecoderLayer, RMSNorm, rope_cos_sin
+from morserve.model.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin
 from morserve.model.routing import routing_for
 
 
@@ -69,7 +69,7 @@ class MoRModel(nn.Module):
         """Final norm and LM head: h [..., d] -> logits [..., V]."""
         h = self.norm(h)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return h @ weight.t()
+        return linear(h, weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
