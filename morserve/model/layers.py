@@ -126,12 +126,7 @@ class MLP(nn.Module):
         split_in_checkpoints(self, "gate_up_proj", {"gate_proj": f, "up_proj": f})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return linear(kernels.silu_mul(linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
-        # CPU: two GEMMs over the halves of the one fused weight (views, no copy); at decode batch
-        # sizes one [2F, d] GEMM ran ~10% slower than two [F, d] ones (benchmarks/RESULTS.md)
-        gate, up = self.gate_up_proj.weight.chunk(2)
-        return linear(nn.functional.silu(linear(x, gate)) * linear(x, up), self.down_proj.weight)
+        return linear(kernels.silu_mul(linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
