@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call (at most 8 minutes, no carry) that checks and measures the GPU path:
-#   1. the kernel tests with compiled Triton kernels (test_kernels.py, test_kernels_fused.py: on
-#      CUDA they run compiled, not interpreted; the sm_90 AOT compile test needs no GPU and runs
-#      in the CPU suite);
+#   1. the kernel tests with compiled Triton kernels (test_kernels.py, test_kernels_fused.py,
+#      test_loop_state.py: on CUDA they run compiled, not interpreted; the sm_90 AOT compile test
+#      needs no GPU and runs in the CPU suite);
 #   2. the engine's CUDA tests (bf16 engine vs the fp32 reference: CUDA graphs, eager, decode loop);
 #   3. one steady decode tick of MoR-4 at B = 256, context 1024, against its roofline
 #      (benchmarks/decode_tick.py; --bandwidth-gbs 4300, the copy bandwidth measured on this
@@ -56,13 +56,13 @@ step() {
 } 2>&1 | tee -a "$LOG"
 
 if [ "$DRY" = 1 ]; then
-    step kernels 240 "$OUT/pytest_kernels.log" "$PY" -m pytest -q tests/test_kernels_fused.py
+    step kernels 240 "$OUT/pytest_kernels.log" "$PY" -m pytest -q tests/test_kernels_fused.py tests/test_loop_state.py
     step engine_cuda 240 "$OUT/pytest_engine_cuda.log" "$PY" -m pytest -q -rs tests/test_engine_cuda.py
     step decode_tick 240 "$OUT/decode_tick.log" "$PY" benchmarks/decode_tick.py --quick --out "$OUT/tick"
     step throughput 600 "$OUT/throughput.log" "$PY" benchmarks/throughput.py --quick --out "$OUT/throughput"
 else
     # budget (seconds): 100 + 110 + 120 + 130 = 460, under 8 minutes with the set-up above
-    step kernels 100 "$OUT/pytest_kernels.log" "$PY" -m pytest -q tests/test_kernels.py tests/test_kernels_fused.py
+    step kernels 100 "$OUT/pytest_kernels.log" "$PY" -m pytest -q tests/test_kernels.py tests/test_kernels_fused.py tests/test_loop_state.py
     step engine_cuda 110 "$OUT/pytest_engine_cuda.log" "$PY" -m pytest -q -rs tests/test_engine_cuda.py
     step decode_tick 120 "$OUT/decode_tick.log" \
         "$PY" benchmarks/decode_tick.py --batch 256 --context 1024 --loop-steps 16 --ticks 20 --repeats 10 \

@@ -100,31 +100,60 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, query_group: torch.Tensor, kv_lens: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """q [T, H, D] -> [T, H, D]; GQA (head i reads KV head i // (H / Hkv)); softmax in float32.
-    Rows are processed in slices whose gathered [rows, S, H, D] float32 work stays near 64 MB."""
+
+    Consecutive rows of one group (a prefill chunk; a decode row alone) form a run: the run
+    gathers its group's first S entries once (S: the longest kv_len among its rows; slots past a
+    row's kv_len are masked, and past the run's S repeat its entry 0, so nothing unwritten is
+    read) and one torch scaled_dot_product_attention call serves every run of a slice of rows,
+    the run's rows x the query heads of a KV head forming the query length. Rows that see
+    nothing get zeros. Slices keep the gathered [rows, S, H, D] float32 work near 64 MB."""
     t, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    out = torch.zeros_like(q)
+    per_kv = h // hkv
     lens = kv_lens.long()
-    s = int(lens.max()) if t else 0
-    if s == 0:
-        return out
-    nb = -(-s // bs)
-    visible_pos = torch.arange(s, device=q.device)
-    step = max(1, (1 << 24) // (s * h * d))
-    for start in range(0, t, step):
-        rows = slice(start, min(t, start + step))
-        pages = block_tables[query_group[rows].long(), :nb].long()              # [R, nb]
-        r = pages.shape[0]
-        k = k_cache[pages].reshape(r, nb * bs, hkv, d)[:, :s].float()          # [R, S, Hkv, D]
-        v = v_cache[pages].reshape(r, nb * bs, hkv, d)[:, :s].float()
-        qg = q[rows].float().view(r, hkv, h // hkv, d)
-        scores = torch.einsum("rkgd,rskd->rkgs", qg, k) * scale
-        visible = visible_pos[None, :] < lens[rows, None]                        # [R, S]
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, -1).masked_fill((lens[rows] == 0)[:, None, None, None], 0.0)
-        v = v.masked_fill(~visible[:, :, None, None], 0.0)                       # unread slots may hold NaN
-        out[rows] = torch.einsum("rkgs,rskd->rkgd", probs, v).reshape(r, h, d).to(q.dtype)
-    return out
+    shortest, longest = (int(x) for x in torch.aminmax(lens)) if t else (0, 0)
+    if longest == 0:
+        return torch.zeros_like(q)
+    seen = None if shortest > 0 else torch.nonzero(lens > 0).squeeze(1)        # None: every row
+    num_seen = t if seen is None else len(seen)
+    flat_k, flat_v = k_cache.view(-1, hkv * d), v_cache.view(-1, hkv * d)
+    step = max(1, (1 << 24) // (longest * h * d))
+    pieces = []
+    for start in range(0, num_seen, step):
+        rows = slice(start, start + step) if seen is None else seen[start: start + step]
+        row_lens, queries = lens[rows], q[rows].float()
+        n = len(row_lens)
+        table_rows, run_of, counts = torch.unique_consecutive(query_group[rows], return_inverse=True,
+                                                              return_counts=True)
+        runs, width = len(table_rows), int(counts.max())
+        if width == 1:                       # every row its own run (decode)
+            run_lens, mask_lens = row_lens, row_lens[:, None, None, None]        # [R, 1, 1, 1]
+            queries = queries.reshape(runs, hkv, per_kv, d)
+        else:                                # run r's i-th row at [r, i] of a padded [R, W] layout
+            rank = torch.arange(n, device=q.device) - (counts.cumsum(0) - counts)[run_of]
+            run_lens = torch.zeros(runs, dtype=torch.long, device=q.device).scatter_reduce_(
+                0, run_of, row_lens, "amax")
+            padded = q.new_zeros((runs, width, h, d), dtype=torch.float32)
+            padded[run_of, rank] = queries
+            queries = padded.view(runs, width, hkv, per_kv, d).transpose(1, 2).reshape(runs, hkv, width * per_kv, d)
+            padded_lens = torch.zeros(runs, width, dtype=torch.long, device=q.device)
+            padded_lens[run_of, rank] = row_lens
+            mask_lens = padded_lens[:, None, :, None].expand(runs, 1, width, per_kv).reshape(runs, 1, -1, 1)
+        length = int(run_lens.max())
+        pos = torch.arange(length, device=q.device)
+        slots = block_tables[table_rows][:, pos // bs].long() * bs + pos % bs    # [R, S]
+        slots = torch.where(pos < run_lens[:, None], slots, slots[:, :1]).flatten()
+        k = flat_k.index_select(0, slots).view(runs, length, hkv, d).transpose(1, 2).float()
+        v = flat_v.index_select(0, slots).view(runs, length, hkv, d).transpose(1, 2).float()
+        attended = torch.nn.functional.scaled_dot_product_attention(queries, k, v, attn_mask=pos < mask_lens,
+                                                                    scale=scale)
+        if width > 1:
+            attended = attended.view(runs, hkv, width, per_kv, d).transpose(1, 2)[run_of, rank]
+        pieces.append(attended.reshape(n, h, d).to(q.dtype))
+    attended = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if seen is None:
+        return attended
+    return torch.zeros_like(q).index_copy_(0, seen, attended)
 
 
 # --- the decode loop's row state (kernels/loop_state.py) --------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from morserve.config import ModelConfig
-from morserve.model.layers import DecoderLayer, RMSNorm, rope_cos_sin
+from morserve.model.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin
 from morserve.model.routing import routing_for
 
 
@@ -88,7 +88,7 @@ class MoRModel(nn.Module):
     def head(self, normed: torch.Tensor) -> torch.Tensor:
         """The LM head alone, on final-normed rows [..., d] -> logits [..., V]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return normed @ weight.t()
+        return linear(normed, weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
