@@ -203,3 +203,35 @@ def test_topk_routing_matches_capacities():
             assert not (out.selected[r] & ~out.selected[r - 1]).any()    # nested
     with pytest.raises(ValueError, match="routing"):
         reference_forward(model, ids, routing="sample")
+
+
+def test_cpu_linear_follows_weight_changes():
+    """layers.linear's oneDNN copy of a weight (float32 CPU inference) is x @ w.T for fresh random
+    shapes, and is remade when the weight changes in place or gets new storage; autograd and
+    other dtypes take torch's linear."""
+    import gc
+
+    from morserve.model import layers
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, (1,))))
+    rows, d_in, d_out = (int(n) for n in torch.randint(1, 70, (3,), generator=gen))
+    w = torch.nn.Parameter(torch.randn(d_out, d_in, generator=gen))
+    x = torch.randn(2, rows, d_in, generator=gen)
+    for change in (None, "in place", "new storage"):
+        if change == "in place":
+            with torch.no_grad():
+                w.mul_(-0.5)
+        elif change == "new storage":
+            w.data = torch.randn(d_out, d_in, generator=gen)
+        with torch.inference_mode():
+            assert torch.allclose(layers.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4), change
+    y = x.clone().requires_grad_()
+    layers.linear(y, w).sum().backward()
+    assert torch.allclose(y.grad, w.detach().sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+    half = w.detach().to(torch.bfloat16)
+    assert layers.linear(x.to(torch.bfloat16), half).dtype == torch.bfloat16
+    if layers._ONEDNN:
+        held = len(layers._PACKED)
+        del w
+        gc.collect()
+        assert len(layers._PACKED) == held - 1          # the copy goes with its weight

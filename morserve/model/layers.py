@@ -21,6 +21,7 @@ movement around the stack (a pool gather before, a pool scatter or the final nor
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -53,17 +54,36 @@ def split_in_checkpoints(module: nn.Module, fused: str, parts: dict[str, int]) -
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.t() (nn.Linear without bias). Float32 inference on the CPU goes through oneDNN,
-    which ran the 135M model's LM head ~30% and its prefill GEMMs ~10% faster than the default
-    MKL sgemm on the AMD development machine (benchmarks/RESULTS.md, 2026-12-02); everything
-    else (other devices and dtypes, autograd) is torch's linear."""
+    """x @ weight.t() (nn.Linear without bias). Float32 inference on the CPU goes through oneDNN
+    with the weight reordered once into oneDNN's blocked layout (`_packed`): on the AMD
+    development machine that ran the 135M model's decode GEMMs 1.6 - 2.6x faster than torch's
+    default MKL sgemm, which repacks the weight on every call (benchmarks/RESULTS.md, 2026-12-02).
+    Everything else (other devices and dtypes, autograd) is torch's linear."""
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and _ONEDNN
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, _packed(weight), None, "none", [], "")
     return nn.functional.linear(x, weight)
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_PACK_ROWS = 16      # oneDNN's row-count hint for the layout; any batch size runs on it (measured: 8 - 128 alike)
+_PACKED: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}     # id(weight) -> ref, version, data_ptr, packed
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """weight's oneDNN copy, made on first use and again whenever the weight changes (in-place
+    update: its version counter; new storage: its data pointer; an inference tensor has no
+    counter, only the pointer is checked); dropped with the weight. It costs one more copy of each
+    float32 weight used on the CPU."""
+    key, version = id(weight), -1 if weight.is_inference() else weight._version   # inference tensors: no counter
+    held = _PACKED.get(key)
+    if held is not None and held[0]() is weight and held[1:3] == (version, weight.data_ptr()):
+        return held[3]
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS)
+    _PACKED[key] = (weakref.ref(weight, lambda _ref, key=key: _PACKED.pop(key, None)), version, weight.data_ptr(),
+                    packed)
+    return packed
 
 
 class RMSNorm(nn.Module):
