@@ -63,7 +63,7 @@ def _attention_kernel(q, k_cache, v_cache, block_tables, query_group, kv_lens, o
         in_block = (cand < num_rows) & (cand < (t0 // BLOCK_Q + 1) * BLOCK_Q)
         cand_group = tl.load(query_group + cand, mask=in_block, other=-1)
         n_rows = tl.min(tl.where(cand_group != group, offs_q, BLOCK_Q), axis=0)
-        row_lens = tl.load(kv_lens + cand, mask=offs_q < n_rows, other=0)
+        row_lens = tl.load(kv_lens + cand, mask=offs_q < n_rows, other=0).to(tl.int32)  # 32-bit loop bounds
         max_len = tl.max(row_lens, axis=0)
 
         rows = (t0 + tile_row).to(tl.int64)
