@@ -2,7 +2,7 @@
 random row states: every output and every in-place update of the state must be equal.
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors (TRITON_INTERPRET is set
-before kernels.triton_ops is imported, as in tests/test_kernels.py).
+before kernels.triton_ops is imported, by tests/test_kernels.py's set-up imported first).
 """
 
 from __future__ import annotations
@@ -12,19 +12,13 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import kernels.reference as ref  # noqa: E402
-import kernels.triton_ops as tri  # noqa: E402
-from morserve.engine.tick import DEPTH, ENTRY, GROUP, KV_LEN, SLOT  # noqa: E402
-
-if not torch.cuda.is_available() and not tri.INTERPRETED:
-    raise RuntimeError("kernels.triton_ops was imported without TRITON_INTERPRET=1 before this module ran")
+from test_kernels import DEVICE  # first: it sets TRITON_INTERPRET before kernels.triton_ops is imported
+import kernels.reference as ref
+import kernels.triton_ops as tri
+from morserve.engine.tick import DEPTH, ENTRY, GROUP, KV_LEN, SLOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
-DEVICE = torch.device("cpu" if tri.INTERPRETED else "cuda")
 STEPS, SCRATCH = 5, 99
 
 
